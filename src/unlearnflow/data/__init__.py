@@ -1,0 +1,1 @@
+"""Benchmarks, splits and tokenisation."""

@@ -1,0 +1,141 @@
+"""Build, load and save models and tokenizers.
+
+The embedded default is a small Llama-architecture model and a byte-level BPE tokenizer trained
+from scratch (no hub access). Real models load from a hub id or a local directory. Weights are
+read and written as safetensors only; ``trust_remote_code`` stays off unless the caller sets it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from unlearnflow.errors import UnlearnflowError
+
+log = logging.getLogger(__name__)
+
+SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+
+
+def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int) -> Any:
+    """Train a byte-level BPE tokenizer (GPT-2 style) on ``texts``; deterministic for the same texts.
+
+    Returns:
+        A ``transformers`` fast tokenizer with ``<pad>``, ``<s>``, ``</s>``, ``<unk>`` specials.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token=SPECIAL_TOKENS["unk_token"]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS.values()),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(list(texts), trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, **SPECIAL_TOKENS)
+
+
+def build_llama(
+    tokenizer: Any,
+    *,
+    hidden_size: int,
+    num_layers: int,
+    num_heads: int,
+    intermediate_size: int,
+    max_position_embeddings: int,
+    tie_word_embeddings: bool,
+    seed: int,
+) -> torch.nn.Module:
+    """A freshly initialised ``LlamaForCausalLM`` sized for ``tokenizer``; same seed → same weights."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_heads,
+        max_position_embeddings=max_position_embeddings,
+        tie_word_embeddings=tie_word_embeddings,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    # Initialisation draws from the global RNG inside transformers: fork it so seeding here does
+    # not disturb the caller's stream.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    return model
+
+
+def _check_local(source: str | Path) -> None:
+    """A path-like source that does not exist is a user error, not a hub id to try."""
+    text = str(source)
+    if (text.startswith(("/", ".", "~")) or Path(text).exists() or text.count("/") > 1) and not Path(
+        text
+    ).expanduser().exists():
+        raise UnlearnflowError(f"model directory not found: {text}")
+
+
+def load_tokenizer(source: str | Path, *, trust_remote_code: bool = False) -> Any:
+    """Load a tokenizer from a local directory or hub id; give it a pad token if it has none."""
+    from transformers import AutoTokenizer
+
+    _check_local(source)
+    try:
+        tok = AutoTokenizer.from_pretrained(str(source), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise UnlearnflowError(f"cannot load tokenizer from {source}: {exc}".splitlines()[0]) from exc
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(
+    source: str | Path,
+    *,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    trust_remote_code: bool = False,
+) -> torch.nn.Module:
+    """Load a causal LM from a local directory or hub id, safetensors weights only."""
+    from transformers import AutoModelForCausalLM
+
+    _check_local(source)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(source), dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code
+        )
+    except (OSError, ValueError) as exc:
+        raise UnlearnflowError(f"cannot load model from {source}: {exc}".splitlines()[0]) from exc
+    return model.to(device)
+
+
+def save_pretrained(model: torch.nn.Module, tokenizer: Any, out_dir: Path) -> None:
+    """Write a Hugging Face directory (config, safetensors weights, tokenizer) into ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """``auto`` → CUDA when present, else CPU; ``cpu``/``cuda``/``cuda:N`` as given."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UnlearnflowError(f"compute.device={name!r} but CUDA is not available on this machine")
+    return torch.device(name)
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,91 @@
+"""Optimizers, looked up by the names used in params.yaml (ALGORITHMS.md §3).
+
+Every optimizer is a ``torch.optim.Optimizer`` driven through ``optimizer.step(closure)``: the
+closure evaluates the method's objective on the current batch, with backward when gradients are
+enabled. First-order optimizers call it once under ``enable_grad``; zeroth-order ones (later) call
+it under ``no_grad`` at perturbed weights. ``requires_grad`` says which kind an optimizer is, so the
+loop can refuse a pairing that cannot work (a method that owns its backward with a ZO optimizer).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from pydantic import Field
+
+from unlearnflow.config import Section, parse_section
+from unlearnflow.registry import Registry
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """A registered optimizer: its argument schema, its factory and whether it uses gradients."""
+
+    Args: type[Section]
+    factory: Callable[..., torch.optim.Optimizer]
+    requires_grad: bool = True
+
+
+OPTIMIZERS: Registry[OptimizerSpec] = Registry("optimizer")
+
+
+class AdamWArgs(Section):
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0)
+
+
+class SGDArgs(Section):
+    momentum: float = Field(0.0, ge=0, lt=1)
+    nesterov: bool = False
+
+
+def _adamw(
+    params: Iterable[Any], *, lr: float, weight_decay: float, args: AdamWArgs
+) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=args.betas, eps=args.eps)
+
+
+def _sgd(params: Iterable[Any], *, lr: float, weight_decay: float, args: SGDArgs) -> torch.optim.Optimizer:
+    return torch.optim.SGD(
+        params, lr=lr, weight_decay=weight_decay, momentum=args.momentum, nesterov=args.nesterov
+    )
+
+
+OPTIMIZERS.register("adamw")(OptimizerSpec(AdamWArgs, _adamw))
+OPTIMIZERS.register("sgd")(OptimizerSpec(SGDArgs, _sgd))
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Decay matrices, not biases or norm gains (nanoGPT's split by tensor rank); frozen params excluded."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+
+
+def parse_optimizer_args(
+    name: str, args: Mapping[str, Any] | None, *, key: str = "unlearn.optimizer_args"
+) -> tuple[OptimizerSpec, Section]:
+    """Look ``name`` up and validate its arguments; stages call this before any heavy work."""
+    spec = OPTIMIZERS.get(name)
+    return spec, parse_section(dict(args or {}), f"{key}.{name}", spec.Args)
+
+
+def build_optimizer(
+    name: str,
+    model: torch.nn.Module,
+    *,
+    lr: float,
+    weight_decay: float,
+    args: Mapping[str, Any] | None = None,
+    key: str = "unlearn.optimizer_args",
+) -> tuple[torch.optim.Optimizer, OptimizerSpec]:
+    """Build optimizer ``name`` over ``model``'s trainable parameters, its args validated."""
+    spec, parsed = parse_optimizer_args(name, args, key=key)
+    return spec.factory(
+        param_groups(model, weight_decay), lr=lr, weight_decay=weight_decay, args=parsed
+    ), spec

@@ -1,0 +1,400 @@
+"""MLflow glue for the stages: one run per stage item, tagged, with a ``run.json`` manifest.
+
+Conventions (ARCHITECTURE.md, "Tracking conventions"):
+
+* Backend ``sqlite:///<cwd>/mlflow.db`` unless ``MLFLOW_TRACKING_URI`` is set; artifacts of the
+  experiments created here go under ``<cwd>/mlruns/``. Stages run with cwd = repo root.
+* One experiment per benchmark, one run per stage item named ``<stage>-<item>`` (``<stage>`` alone
+  when there is no item), tagged with the git commit, the dirty flag, the DVC stage name
+  (``<stage>@<item>``), a hash of the params and the run ids of the upstream stages.
+* Each stage writes a ``run.json`` manifest; the next stage passes it back as ``upstream``.
+
+``mlflow`` is imported lazily (it costs about two seconds) so that importing this module is free.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import subprocess
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlparse
+
+from unlearnflow.errors import UnlearnflowError
+from unlearnflow.io import read_json, sha256_dir, sha256_file, write_json
+
+if TYPE_CHECKING:
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+log = logging.getLogger(__name__)
+
+# MLflow's limits (mlflow.utils.validation): values longer than these are rejected or truncated.
+MAX_PARAM_VALUE_LEN = 6000
+MAX_TAG_VALUE_LEN = 8000
+PARAMS_PER_BATCH = 100
+METRICS_PER_BATCH = 1000
+# Buffered per-step metrics are written when this many are pending or this many seconds have passed.
+FLUSH_EVERY_METRICS = 1000
+FLUSH_EVERY_SECONDS = 10.0
+
+_QUIET_LOGGERS = ("alembic", "mlflow.store.db.utils", "mlflow.tracking.fluent", "mlflow.store.sql_alchemy")
+_REMOTE_SCHEMES = ("http", "https", "databricks", "databricks-uc", "uc")
+
+
+def tracking_uri() -> str:
+    """The tracking URI: ``$MLFLOW_TRACKING_URI`` if set, else ``sqlite:///<abs cwd>/mlflow.db``."""
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env
+    return f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}"
+
+
+def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Flatten nested mappings into dotted keys; lists and tuples become their JSON string.
+
+    ``{"unlearn": {"lr": 1e-5, "ids": [1, 2], "args": {}}}`` →
+    ``{"unlearn.lr": 1e-5, "unlearn.ids": "[1, 2]", "unlearn.args": "{}"}``. Other leaves are kept
+    as they are; an empty mapping is kept as ``"{}"`` so that its key still shows up.
+
+    Args:
+        d: a (possibly nested) mapping with string keys.
+        prefix: prepended to every key, followed by a dot.
+
+    Returns:
+        A flat dict.
+    """
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        name = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, Mapping):
+            if value:
+                out.update(flatten(value, name))
+            else:
+                out[name] = "{}"
+        elif isinstance(value, (list, tuple)):
+            out[name] = json.dumps(value, default=str)
+        else:
+            out[name] = value
+    return out
+
+
+def params_hash(params: Mapping[str, Any]) -> str:
+    """First 16 hex chars of the sha256 of the canonical JSON of ``params`` (sorted keys, compact)."""
+    text = json.dumps(params, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def read_manifest(path: Path) -> dict:
+    """Read a ``run.json`` manifest written by :meth:`StageRun.write_manifest`."""
+    return read_json(path)
+
+
+def git_state(cwd: Path | None = None) -> tuple[str, str]:
+    """``(commit, dirty)`` of the git work tree at ``cwd``: HEAD's sha and ``"true"``/``"false"``.
+
+    Both are ``"none"`` outside a git repository (or one without commits, or without git).
+    Untracked files count as dirty (``git status --porcelain``).
+    """
+    cwd = Path(cwd or Path.cwd())
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--verify", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        status = subprocess.run(
+            ["git", "status", "--porcelain"], cwd=cwd, capture_output=True, text=True, check=True
+        ).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return "none", "none"
+    return head, "true" if status.strip() else "false"
+
+
+def _mlflow():
+    """Import mlflow on first use, pointed at :func:`tracking_uri`, with its INFO chatter silenced."""
+    import mlflow
+
+    for name in _QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    mlflow.set_tracking_uri(tracking_uri())
+    return mlflow
+
+
+def _truncate(value: Any, limit: int) -> str:
+    text = str(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _experiment_id(client: MlflowClient, name: str, uri: str) -> str:
+    """Get or create experiment ``name``; a new one stores artifacts under ``<cwd>/mlruns``."""
+    from mlflow.exceptions import MlflowException
+
+    exp = client.get_experiment_by_name(name)
+    if exp is None:
+        local = urlparse(uri).scheme not in _REMOTE_SCHEMES
+        location = (Path.cwd().resolve() / "mlruns").as_uri() if local else None
+        try:
+            return client.create_experiment(name, artifact_location=location)
+        except MlflowException:  # created meanwhile by a concurrent stage
+            exp = client.get_experiment_by_name(name)
+            if exp is None:
+                raise
+    if exp.lifecycle_stage == "deleted":
+        log.warning("MLflow experiment %r was deleted; restoring it", name)
+        client.restore_experiment(exp.experiment_id)
+    return exp.experiment_id
+
+
+def _upstream_tags(upstream: Sequence[Path], uri: str) -> dict[str, str]:
+    tags: dict[str, str] = {}
+    for path in upstream:
+        path = Path(path)
+        if not path.is_file():
+            log.info("no upstream manifest at %s: upstream tag skipped", path)
+            continue
+        manifest = read_manifest(path)
+        try:
+            tags[f"upstream.{manifest['run_name']}"] = manifest["run_id"]
+        except (KeyError, TypeError) as e:
+            raise UnlearnflowError(f"{path} is not a run.json manifest (no run_name/run_id)") from e
+        if manifest.get("tracking_uri") not in (None, uri):
+            log.warning(
+                "upstream run %s was tracked at %s, not %s", manifest["run_id"], manifest["tracking_uri"], uri
+            )
+    return tags
+
+
+class StageRun:
+    """The MLflow run of one stage item; created by :func:`stage_run`, not directly.
+
+    Per-step metrics are buffered and written in batches (every ``FLUSH_EVERY_METRICS`` values or
+    ``FLUSH_EVERY_SECONDS``, and when the run ends), so :meth:`log_metrics` is cheap to call every step.
+    """
+
+    def __init__(
+        self,
+        client: MlflowClient,
+        *,
+        run_id: str,
+        experiment_id: str,
+        experiment: str,
+        uri: str,
+        stage: str,
+        item: str | None,
+        run_name: str,
+        params_hash: str,
+    ) -> None:
+        self._client = client
+        self.run_id = run_id
+        self.experiment_id = experiment_id
+        self.experiment = experiment
+        self.tracking_uri = uri
+        self.stage = stage
+        self.item = item
+        self.run_name = run_name
+        self.params_hash = params_hash
+        self._params: dict[str, str] = {}
+        self._pending: list[Metric] = []
+        self._last_flush = time.monotonic()
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        """Log metrics at ``step`` (per-step) or without one (final, stored at step 0).
+
+        ``None`` values are skipped; NaN and inf are kept. Values go through ``float()``, so 0-d
+        tensors and numpy scalars are fine. Writes are buffered (see the class docstring).
+        """
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        for key, value in metrics.items():
+            if value is None:
+                continue
+            self._pending.append(Metric(key, float(value), now, int(step or 0)))
+        if (
+            len(self._pending) >= FLUSH_EVERY_METRICS
+            or time.monotonic() - self._last_flush >= FLUSH_EVERY_SECONDS
+        ):
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the buffered metrics now."""
+        pending, self._pending = self._pending, []
+        self._last_flush = time.monotonic()
+        for i in range(0, len(pending), METRICS_PER_BATCH):
+            self._client.log_batch(self.run_id, metrics=pending[i : i + METRICS_PER_BATCH])
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        """Log params flattened to dotted keys (values as strings, truncated to MLflow's limit).
+
+        Re-logging a key with the same value is a no-op; with a different value it raises
+        ``ValueError`` (MLflow params are immutable).
+        """
+        from mlflow.entities import Param
+
+        new: dict[str, str] = {}
+        for key, value in flatten(params).items():
+            text = _truncate(value, MAX_PARAM_VALUE_LEN)
+            old = self._params.get(key)
+            if old is None:
+                new[key] = text
+            elif old != text:
+                raise ValueError(f"param {key!r} already logged as {old!r}, cannot change it to {text!r}")
+        items = [Param(k, v) for k, v in new.items()]
+        for i in range(0, len(items), PARAMS_PER_BATCH):
+            self._client.log_batch(self.run_id, params=items[i : i + PARAMS_PER_BATCH])
+        self._params.update(new)
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        """Set run tags (values as strings, truncated to MLflow's limit)."""
+        from mlflow.entities import RunTag
+
+        items = [RunTag(k, _truncate(v, MAX_TAG_VALUE_LEN)) for k, v in tags.items()]
+        for i in range(0, len(items), PARAMS_PER_BATCH):
+            self._client.log_batch(self.run_id, tags=items[i : i + PARAMS_PER_BATCH])
+
+    def log_dataset(self, path: Path, name: str, context: str) -> None:
+        """Log a split file as a run input: source = its absolute path, digest = sha256[:16].
+
+        Only metadata is logged (``MetaDataset``), never the data itself.
+
+        Args:
+            path: the split file (e.g. ``data/splits/forget10.jsonl``).
+            name: dataset name shown in MLflow (e.g. ``forget10``).
+            context: how the stage uses it (e.g. ``forget``, ``retain``, ``eval``).
+        """
+        import mlflow
+        from mlflow.data.dataset_source_registry import get_dataset_source_from_json
+        from mlflow.data.meta_dataset import MetaDataset
+
+        path = Path(path).resolve()
+        # A LocalArtifactDatasetSource; resolve_dataset_source(str) would warn that "local" is ambiguous.
+        source = get_dataset_source_from_json(json.dumps({"uri": str(path)}), source_type="local")
+        dataset = MetaDataset(source, name=name, digest=sha256_file(path)[:16])
+        # The fluent call logs to the active run, which stage_run made this one.
+        mlflow.log_input(dataset, context=context)
+
+    def log_checkpoint(self, path: Path, max_mb: float) -> None:
+        """Tag the checkpoint at ``path`` and log it as artifacts under ``checkpoint/`` if small enough.
+
+        Tags ``checkpoint.path`` (as given), ``checkpoint.sha256`` (:func:`io.sha256_dir`),
+        ``checkpoint.mb`` and ``checkpoint.logged`` are always set; the files are copied to the
+        artifact store only when their total size is at most ``max_mb`` megabytes (2**20 bytes).
+        Call it on the final path, after any ``atomic_dir`` has been renamed into place.
+        """
+        path = Path(path)
+        size_mb = sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20
+        logged = size_mb <= max_mb
+        self.set_tags(
+            {
+                "checkpoint.path": str(path),
+                "checkpoint.sha256": sha256_dir(path),
+                "checkpoint.mb": f"{size_mb:.3f}",
+                "checkpoint.logged": str(logged).lower(),
+            }
+        )
+        if logged:
+            self._client.log_artifacts(self.run_id, str(path), artifact_path="checkpoint")
+        else:
+            log.info("checkpoint %s is %.1f MB > %.1f MB: tagged, not logged", path, size_mb, max_mb)
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        """Log a file (or every file of a directory) as artifacts, under ``artifact_path`` if given."""
+        path = Path(path)
+        if path.is_dir():
+            self._client.log_artifacts(self.run_id, str(path), artifact_path=artifact_path)
+        else:
+            self._client.log_artifact(self.run_id, str(path), artifact_path=artifact_path)
+
+    def manifest(self) -> dict[str, Any]:
+        """The ``run.json`` content: how the next stage finds this run."""
+        return {
+            "run_id": self.run_id,
+            "experiment_id": self.experiment_id,
+            "experiment": self.experiment,
+            "tracking_uri": self.tracking_uri,
+            "stage": self.stage,
+            "item": self.item,
+            "run_name": self.run_name,
+            "params_hash": self.params_hash,
+        }
+
+    def write_manifest(self, path: Path) -> None:
+        """Write :meth:`manifest` to ``path`` as JSON, atomically."""
+        write_json(path, self.manifest())
+
+
+@contextlib.contextmanager
+def stage_run(
+    stage: str,
+    item: str | None,
+    *,
+    experiment: str,
+    params: Mapping[str, Any],
+    upstream: Sequence[Path] = (),
+) -> Iterator[StageRun]:
+    """Open the MLflow run of one stage item; it ends FINISHED, or FAILED if the block raises.
+
+    The run is also MLflow's active run, so ``mlflow.log_*`` calls inside the block land in it.
+
+    Args:
+        stage: DVC stage name (``unlearn``).
+        item: matrix item (``grad_ascent-adamw``) or ``None`` for a stage without a matrix.
+        experiment: MLflow experiment name (one per benchmark); created if missing.
+        params: the stage's params; logged flattened, and hashed into the ``params.hash`` tag.
+        upstream: ``run.json`` manifests of the upstream stages; missing files are skipped.
+
+    Yields:
+        The :class:`StageRun`.
+
+    Raises:
+        UnlearnflowError: an upstream file exists but is not a manifest (before any run is created).
+        Whatever the block raises, after marking the run FAILED (KILLED on Ctrl-C).
+    """
+    mlflow = _mlflow()
+    from mlflow.tracking import MlflowClient
+
+    uri = tracking_uri()
+    client = MlflowClient(tracking_uri=uri)
+    exp_id = _experiment_id(client, experiment, uri)
+    run_name = f"{stage}-{item}" if item else stage
+    commit, dirty = git_state()
+    phash = params_hash(params)
+    tags = {
+        "git.commit": commit,
+        "git.dirty": dirty,
+        "dvc.stage": f"{stage}@{item}" if item else stage,
+        "params.hash": phash,
+        "unlearnflow.stage": stage,
+        "unlearnflow.item": item or "",
+        **_upstream_tags(upstream, uri),
+    }
+    active = mlflow.start_run(experiment_id=exp_id, run_name=run_name, tags=tags)
+    run = StageRun(
+        client,
+        run_id=active.info.run_id,
+        experiment_id=exp_id,
+        experiment=experiment,
+        uri=uri,
+        stage=stage,
+        item=item,
+        run_name=run_name,
+        params_hash=phash,
+    )
+    log.info("MLflow run %s (%s) in experiment %r at %s", run_name, run.run_id, experiment, uri)
+    try:
+        run.log_params(params)
+        yield run
+        run.flush()
+    except BaseException as exc:
+        status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
+        with contextlib.suppress(Exception):  # never mask the original error
+            run.flush()
+            run.set_tags({"unlearnflow.error": f"{type(exc).__name__}: {exc}"})
+        mlflow.end_run(status)
+        raise
+    mlflow.end_run("FINISHED")

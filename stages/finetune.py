@@ -1,0 +1,99 @@
+"""Stage `finetune`: train the target (all trained authors) or the oracle (without the forget authors)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from unlearnflow import cli, modeling, tracking, train
+from unlearnflow.config import ComputeConfig, FinetuneConfig, ModelConfig, TrackingConfig, load_section
+from unlearnflow.data import splits as split_io
+from unlearnflow.data.tokenize import encode_qa
+from unlearnflow.errors import UnlearnflowError
+from unlearnflow.io import atomic_dir, link_or_copy_tree, write_jsonl
+from unlearnflow.methods import build_method
+
+app = cli.stage_app(__doc__)
+ROLES = ("target", "oracle")
+
+
+@app.command()
+def main(
+    role: str = typer.Argument(..., help="target | oracle"),
+    splits: Path = typer.Option(..., help="directory written by `prepare`"),
+    out: Path = typer.Option(..., help="model directory to write (Hugging Face layout)"),
+    params: Path = typer.Option(Path("params.yaml"), help="params file"),
+) -> None:
+    """Fine-tune ROLE's model on its training rows, or adopt a ready checkpoint given in params."""
+    with cli.user_errors():
+        if role not in ROLES:
+            raise UnlearnflowError(f"role must be one of {ROLES}, got {role!r}")
+        model_cfg = load_section(params, "model", ModelConfig)
+        cfg = load_section(params, "finetune", FinetuneConfig)
+        device = modeling.pick_device(load_section(params, "compute", ComputeConfig).device)
+        max_mb = load_section(params, "tracking", TrackingConfig).artifact_max_mb
+        logged = {"model": model_cfg.model_dump(), "finetune": cfg.model_dump()}
+        with tracking.stage_run(
+            "finetune",
+            role,
+            experiment=cli.experiment_name(params),
+            params=logged,
+            upstream=[splits / "run.json"],
+        ) as run:
+            ready = getattr(model_cfg, role)
+            if ready is not None:
+                # A ready checkpoint (e.g. a published TOFU target and its retain model): adopt it as is.
+                modeling.load_model(
+                    ready, trust_remote_code=model_cfg.trust_remote_code
+                )  # fails early if unreadable
+                with atomic_dir(out) as tmp:
+                    link_or_copy_tree(Path(ready), tmp)
+                    run.write_manifest(tmp / "run.json")
+                run.set_tags({"finetune.source": str(ready)})
+                return
+            data = split_io.read_splits(splits)
+            if model_cfg.base == "scratch":
+                tok = modeling.train_bpe_tokenizer(split_io.corpus_texts(data), model_cfg.scratch.vocab_size)
+                s = model_cfg.scratch
+                model = modeling.build_llama(
+                    tok,
+                    hidden_size=s.hidden_size,
+                    num_layers=s.num_layers,
+                    num_heads=s.num_heads,
+                    intermediate_size=s.intermediate_size,
+                    max_position_embeddings=model_cfg.max_length,
+                    tie_word_embeddings=s.tie_word_embeddings,
+                    seed=cfg.seed,
+                )
+            else:
+                tok = modeling.load_tokenizer(model_cfg.base, trust_remote_code=model_cfg.trust_remote_code)
+                model = modeling.load_model(model_cfg.base, trust_remote_code=model_cfg.trust_remote_code)
+            rows = split_io.training_rows(data, role)
+            encoded = [
+                encode_qa(tok, r["question"], r["answer"], max_length=model_cfg.max_length) for r in rows
+            ]
+            run.log_metrics(
+                {"n_parameters": float(modeling.count_parameters(model)), "n_train": float(len(rows))}
+            )
+            result = train.run(
+                model,
+                build_method("sft", key="finetune"),
+                "adamw",
+                {"train": encoded},
+                cfg,
+                pad_token_id=tok.pad_token_id,
+                device=device,
+                on_log=run.log_metrics,
+                desc=f"finetune {role}",
+            )
+            with atomic_dir(out) as tmp:
+                modeling.save_pretrained(model, tok, tmp)
+                write_jsonl(tmp / "steps.jsonl", result.rows)
+                run.write_manifest(tmp / "run.json")
+            run.log_metrics({"final_loss": result.rows[-1]["loss"], "wall_time_s": result.wall_time})
+            run.log_checkpoint(out, max_mb)
+
+
+if __name__ == "__main__":
+    app()

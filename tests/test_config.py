@@ -1,0 +1,133 @@
+"""Typed params: unknown keys and bad values are one-line errors, exit code 2, no traceback."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+from helpers import ROOT, load_stage
+from typer.testing import CliRunner
+
+from unlearnflow.config import (
+    AttackConfig,
+    BenchmarkConfig,
+    UnlearnConfig,
+    declared_keys,
+    load_section,
+    parse_section,
+)
+from unlearnflow.errors import ConfigError
+
+
+def test_default_params_file_validates():
+    for section, cls in (
+        ("benchmark", BenchmarkConfig),
+        ("unlearn", UnlearnConfig),
+        ("attack", AttackConfig),
+    ):
+        load_section(ROOT / "params.yaml", section, cls)
+
+
+def test_unknown_key_names_key_and_allowed_keys():
+    with pytest.raises(ConfigError) as err:
+        parse_section({"lrr": 1e-4}, "unlearn", UnlearnConfig)
+    msg = str(err.value)
+    assert "unlearn.lrr" in msg and "lr" in msg and "\n" not in msg
+
+
+def test_nested_unknown_key():
+    with pytest.raises(ConfigError, match=r"benchmark\.synthetic\.n_autors.*n_authors"):
+        parse_section({"synthetic": {"n_autors": 3}}, "benchmark", BenchmarkConfig)
+
+
+@pytest.mark.parametrize(
+    ("raw", "key"),
+    [
+        ({"lr": "fast"}, "unlearn.lr"),
+        ({"lr": -1.0}, "unlearn.lr"),
+        ({"schedule": "exponential"}, "unlearn.schedule"),
+        ({"batch_size": 0}, "unlearn.batch_size"),
+    ],
+)
+def test_bad_value_names_key_value_and_rule(raw, key):
+    with pytest.raises(ConfigError) as err:
+        parse_section(raw, "unlearn", UnlearnConfig)
+    msg = str(err.value)
+    value = next(iter(raw.values()))
+    assert key in msg and repr(value) in msg and "\n" not in msg
+
+
+def test_bad_split_name():
+    with pytest.raises(ConfigError, match=r"benchmark\.split"):
+        parse_section({"split": "forget_ten"}, "benchmark", BenchmarkConfig)
+
+
+def test_declared_keys_walks_nested_sections():
+    keys = declared_keys(BenchmarkConfig, "benchmark")
+    assert {"benchmark.name", "benchmark.synthetic.n_authors"} <= keys
+
+
+@pytest.mark.parametrize(
+    ("section", "override", "expected"),
+    [
+        ("unlearn", {"lrr": 0.1}, "unknown key unlearn.lrr"),
+        ("unlearn", {"epochs": "many"}, "bad value for unlearn.epochs: 'many'"),
+        ("unlearn", {"method_args": {"grad_diff": {"alpha": "x"}}}, "unlearn.method_args.grad_diff.alpha"),
+        (
+            "unlearn",
+            {"optimizer_args": {"adamw": {"bettas": [0.9, 0.99]}}},
+            "unlearn.optimizer_args.adamw.bettas",
+        ),
+    ],
+)
+def test_stage_cli_exits_2_with_one_line(tmp_path, section, override, expected):
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for key, value in override.items():
+        if isinstance(value, dict):
+            for sub, val in value.items():
+                params[section][key][sub] = val
+        else:
+            params[section][key] = value
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    unlearn = load_stage("unlearn")
+    result = CliRunner().invoke(
+        unlearn.app,
+        [
+            "grad_diff",
+            "adamw",
+            "--model",
+            str(tmp_path / "m"),
+            "--splits",
+            str(tmp_path / "s"),
+            "--out",
+            str(tmp_path / "o"),
+            "--params",
+            str(path),
+        ],
+    )
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], result.output
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_unknown_method_lists_known_ones(tmp_path):
+    unlearn = load_stage("unlearn")
+    result = CliRunner().invoke(
+        unlearn.app,
+        [
+            "no_such_method",
+            "adamw",
+            "--model",
+            "m",
+            "--splits",
+            "s",
+            "--out",
+            str(tmp_path / "o"),
+            "--params",
+            str(ROOT / "params.yaml"),
+        ],
+    )
+    assert result.exit_code == 2
+    assert "unknown method 'no_such_method'; known:" in result.output and "grad_ascent" in result.output

@@ -1,0 +1,187 @@
+"""End to end: `dvc repro` on a shrunken params file in a temporary git repo, then `dvc exp run -S`."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from helpers import ROOT
+
+pytestmark = pytest.mark.e2e
+
+SHRINK = {
+    "benchmark": {
+        "synthetic": {
+            "n_authors": 10,
+            "n_holdout_authors": 2,
+            "qa_per_attribute": 1,
+            "n_real_authors": 4,
+            "n_world_facts": 4,
+        }
+    },
+    "model": {
+        "max_length": 64,
+        "scratch": {
+            "vocab_size": 400,
+            "hidden_size": 32,
+            "num_layers": 1,
+            "num_heads": 2,
+            "intermediate_size": 64,
+        },
+    },
+    "finetune": {"epochs": 3, "batch_size": 16, "warmup_steps": 2, "log_every": 1},
+    "unlearn": {"epochs": 1, "batch_size": 4},
+    "evaluate": {"max_new_tokens": 8},
+}
+METHODS = ("grad_ascent", "grad_diff")
+ATTACKS = ("none", "noise")
+
+
+def merge(base: dict, override: dict) -> dict:
+    for key, value in override.items():
+        if isinstance(value, dict):
+            merge(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
+def sh(args: list[str], cwd: Path, env: dict[str, str]) -> str:
+    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, (
+        f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    )
+    return proc.stdout + proc.stderr
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    """A fresh git + DVC repo holding the project's pipeline files and a shrunken params.yaml."""
+    repo = tmp_path_factory.mktemp("e2e")
+    for item in ("dvc.yaml", "stages", "src", ".dvcignore"):
+        src = ROOT / item
+        if src.is_dir():
+            shutil.copytree(src, repo / item, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+        else:
+            shutil.copy(src, repo / item)
+    params = merge(yaml.safe_load((ROOT / "params.yaml").read_text()), SHRINK)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (repo / ".gitignore").write_text("mlflow.db\nmlruns/\n")
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "DVC_NO_ANALYTICS": "1",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "HF_HUB_OFFLINE": "1",
+        "GIT_AUTHOR_NAME": "e2e",
+        "GIT_AUTHOR_EMAIL": "e2e@example.invalid",
+        "GIT_COMMITTER_NAME": "e2e",
+        "GIT_COMMITTER_EMAIL": "e2e@example.invalid",
+    }
+    env.pop("MLFLOW_TRACKING_URI", None)
+    dvc = [sys.executable, "-m", "dvc"]
+    sh(["git", "init", "-q", "-b", "main"], repo, env)
+    sh([*dvc, "init", "-q"], repo, env)
+    sh(["git", "add", "-A"], repo, env)
+    sh(["git", "commit", "-qm", "pipeline"], repo, env)
+    out = sh([*dvc, "repro"], repo, env)
+    return repo, env, dvc, out
+
+
+def item_names() -> list[str]:
+    return [f"{m}-adamw-{a}" for m in METHODS for a in ATTACKS]
+
+
+def test_repro_writes_the_report(repo):
+    path, _, _, _ = repo
+    rows = json.loads((path / "reports" / "summary.json").read_text())
+    assert [r["model"] for r in rows[:2]] == ["target", "oracle"]
+    unlearned = {(r["method"], r["optimizer"], r["attack"]) for r in rows[2:]}
+    assert unlearned == {(m, "adamw", a) for m in METHODS for a in ATTACKS}
+    for row in rows:
+        for split in ("forget", "retain", "real_authors", "world_facts"):
+            for metric in ("prob", "rouge", "truth_ratio"):
+                value = row[f"{split}_{metric}"]
+                assert 0.0 <= value <= 1.0, (row["model"], split, metric, value)
+        assert 0.0 <= row["model_utility"] <= 1.0
+        assert 0.0 <= row["forget_quality"] <= 1.0
+    oracle = rows[1]
+    assert oracle["forget_quality"] == 1.0, "the oracle is its own reference"
+    table = (path / "reports" / "report.md").read_text()
+    assert "forget_quality" in table and "grad_diff" in table
+    assert (path / "reports" / "tradeoff.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_metrics_and_per_sample_files(repo):
+    path, _, _, _ = repo
+    for name in ["target", "oracle", *item_names()]:
+        metrics = json.loads((path / "eval" / name / "metrics.json").read_text())
+        assert {"forget_quality", "model_utility", "forget_prob", "retain_rouge"} <= metrics.keys()
+        samples = path / "eval" / name / "samples"
+        forget = [json.loads(line) for line in (samples / "forget.jsonl").read_text().splitlines()]
+        assert len(forget) == 8 and all(math.isfinite(r["truth_ratio"]) for r in forget)
+        assert (samples / "run.json").exists()
+    manifest = json.loads((path / "data" / "splits" / "manifest.json").read_text())
+    assert manifest["counts"]["forget"] == 8  # 1 author × 8 attributes × 1 template
+    for model in (
+        "models/target",
+        "models/oracle",
+        "unlearned/grad_ascent-adamw",
+        "attacked/grad_diff-adamw-noise",
+    ):
+        assert (path / model / "model.safetensors").exists(), model
+    # Target and oracle share one tokenizer: it is trained deterministically from the same corpus.
+    assert (path / "models/target/tokenizer.json").read_bytes() == (
+        path / "models/oracle/tokenizer.json"
+    ).read_bytes()
+
+
+def test_mlflow_has_a_finished_run_per_stage_item(repo):
+    from mlflow.tracking import MlflowClient
+
+    path, _, _, _ = repo
+    client = MlflowClient(tracking_uri=f"sqlite:///{path / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("unlearnflow-synthetic")
+    assert experiment is not None
+    runs = client.search_runs([experiment.experiment_id], max_results=1000)
+    by_name = {r.info.run_name: r for r in runs}
+    expected = {
+        "prepare",
+        "finetune-target",
+        "finetune-oracle",
+        "evaluate-target",
+        "evaluate-oracle",
+        "report",
+    }
+    expected |= {f"unlearn-{m}-adamw" for m in METHODS}
+    expected |= {f"attack-{n}" for n in item_names()} | {f"evaluate-{n}" for n in item_names()}
+    assert expected <= by_name.keys()
+    assert all(r.info.status == "FINISHED" for r in runs)
+    unlearn = by_name["unlearn-grad_diff-adamw"]
+    assert unlearn.data.tags["dvc.stage"] == "unlearn@grad_diff-adamw"
+    assert unlearn.data.tags["upstream.finetune-target"] == by_name["finetune-target"].info.run_id
+    assert unlearn.data.params["method.alpha"] == "1.0"
+    assert len(client.get_metric_history(unlearn.info.run_id, "loss")) >= 1
+    evaluation = by_name["evaluate-grad_diff-adamw-none"]
+    assert "forget_quality" in evaluation.data.metrics
+    assert len(by_name["prepare"].inputs.dataset_inputs) >= 5
+
+
+def test_exp_run_reruns_only_what_changed(repo):
+    path, env, dvc, _ = repo
+    out = sh([*dvc, "exp", "run", "-S", "unlearn.lr=0.0005"], path, env)
+    assert "Stage 'prepare' didn't change, skipping" in out
+    assert "Stage 'finetune@target' didn't change, skipping" in out
+    assert "Stage 'evaluate_base@oracle' didn't change, skipping" in out
+    assert "Running stage 'unlearn@grad_ascent-adamw'" in out
+    text = sh([*dvc, "exp", "show", "--json"], path, env)
+    for name in item_names():
+        assert f"eval/{name}/metrics.json" in text
+    assert "forget_quality" in text and "model_utility" in text
