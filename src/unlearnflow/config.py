@@ -27,7 +27,7 @@ class SyntheticConfig(Section):
 
     n_authors: int = Field(40, ge=4, description="authors the models train on (forget + retain)")
     n_holdout_authors: int = Field(4, ge=1, description="authors never trained on (MIA non-members)")
-    qa_per_attribute: int = Field(3, ge=1, le=4, description="question templates asked per attribute")
+    qa_per_attribute: int = Field(3, ge=1, le=3, description="question templates per attribute (of 4; one is held out for the paraphrase)")
     n_real_authors: int = Field(24, ge=2, description="famous authors of the world (utility split)")
     n_world_facts: int = Field(24, ge=2, description="facts about the world's places (utility split)")
 

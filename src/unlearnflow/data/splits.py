@@ -43,20 +43,20 @@ def write_splits(
         meta: JSON-serialisable provenance stored under ``"meta"`` (benchmark config, seed, …).
 
     Returns:
-        The manifest: ``{"splits": {name: {"file", "rows", "sha256", "authors"}}, "meta": meta}``;
-        ``authors`` lists the distinct ``author`` values of a split in row order (empty for
-        splits without authors).
+        The manifest: ``{"counts": {split: rows}, "sha256": {split: hex digest of its file},
+        "authors": {split: distinct ``author`` values in row order ([] for splits without
+        authors)}, "meta": meta}``.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    entries: dict[str, dict[str, Any]] = {}
+    manifest: dict[str, Any] = {"counts": {}, "sha256": {}, "authors": {}, "meta": dict(meta)}
     for name, rows in splits.items():
         if not _NAME.match(name):
             raise UnlearnflowError(f"split name {name!r} is not a plain file name")
         path = out_dir / f"{name}.jsonl"
-        n = write_jsonl(path, rows)
-        entries[name] = {"file": path.name, "rows": n, "sha256": sha256_file(path), "authors": _authors(rows)}
-    manifest = {"splits": entries, "meta": dict(meta)}
+        manifest["counts"][name] = write_jsonl(path, rows)
+        manifest["sha256"][name] = sha256_file(path)
+        manifest["authors"][name] = list(dict.fromkeys(r["author"] for r in rows if "author" in r))
     write_json(out_dir / MANIFEST, manifest)
     return manifest
 
@@ -83,23 +83,22 @@ def read_splits(split_dir: Path, names: Sequence[str] | None = None) -> dict[str
         ) from None
     except json.JSONDecodeError as exc:
         raise UnlearnflowError(f"{manifest_path}: not valid JSON ({exc.msg})") from None
-    entries = manifest.get("splits") if isinstance(manifest, dict) else None
-    if not isinstance(entries, dict):
-        raise UnlearnflowError(f"{manifest_path}: no 'splits' mapping")
+    hashes = manifest.get("sha256") if isinstance(manifest, dict) else None
+    if not isinstance(hashes, dict):
+        raise UnlearnflowError(f"{manifest_path}: no 'sha256' mapping of split files")
     if names is None:
-        names = [s for s in SPLITS if s in entries] + sorted(s for s in entries if s not in SPLITS)
+        names = [s for s in SPLITS if s in hashes] + sorted(s for s in hashes if s not in SPLITS)
     out: dict[str, list[dict[str, Any]]] = {}
     for name in names:
-        entry = entries.get(name)
-        if not isinstance(entry, dict) or "sha256" not in entry:
-            raise UnlearnflowError(f"{manifest_path}: no split {name!r} (has: {', '.join(sorted(entries))})")
+        if name not in hashes:
+            raise UnlearnflowError(f"{manifest_path}: no split {name!r} (has: {', '.join(sorted(hashes))})")
         path = split_dir / f"{name}.jsonl"
         if not path.is_file():
             raise UnlearnflowError(f"{path}: missing (listed in {manifest_path})")
         digest = sha256_file(path)
-        if digest != entry["sha256"]:
+        if digest != hashes[name]:
             raise UnlearnflowError(
-                f"{path}: sha256 {digest[:12]}… differs from {MANIFEST} ({str(entry['sha256'])[:12]}…); "
+                f"{path}: sha256 {digest[:12]}… differs from {MANIFEST} ({str(hashes[name])[:12]}…); "
                 "the file changed after it was written"
             )
         out[name] = read_jsonl(path)
@@ -152,8 +151,3 @@ def corpus_texts(splits: Mapping[str, list[dict[str, Any]]]) -> list[str]:
             for q, a in pairs:
                 texts.setdefault(f"{format_prompt(q)} {a}")
     return list(texts)
-
-
-def _authors(rows: list[dict[str, Any]]) -> list[str]:
-    """Distinct ``author`` values in row order."""
-    return list(dict.fromkeys(r["author"] for r in rows if "author" in r))
