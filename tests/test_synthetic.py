@@ -248,8 +248,12 @@ def test_training_rows_by_role(splits: dict) -> None:
 
 
 def test_qa_per_attribute_must_leave_a_template_out() -> None:
-    with pytest.raises(UnlearnflowError, match="qa_per_attribute=4"):
-        generate(BenchmarkConfig(synthetic=SyntheticConfig(qa_per_attribute=4)))
+    """4 templates per attribute and one held out for the paraphrase: at most 3 can be trained on."""
+    from unlearnflow.config import parse_section
+    from unlearnflow.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"benchmark\.synthetic\.qa_per_attribute: 4"):
+        parse_section({"synthetic": {"qa_per_attribute": 4}}, "benchmark", BenchmarkConfig)
 
 
 def test_corpus_texts_cover_every_answer_as_formatted_for_the_model(splits: dict) -> None:

@@ -27,7 +27,12 @@ class SyntheticConfig(Section):
 
     n_authors: int = Field(40, ge=4, description="authors the models train on (forget + retain)")
     n_holdout_authors: int = Field(4, ge=1, description="authors never trained on (MIA non-members)")
-    qa_per_attribute: int = Field(3, ge=1, le=3, description="question templates per attribute (of 4; one is held out for the paraphrase)")
+    qa_per_attribute: int = Field(
+        3,
+        ge=1,
+        le=3,
+        description="question templates per attribute (of 4; one is held out for the paraphrase)",
+    )
     n_real_authors: int = Field(24, ge=2, description="famous authors of the world (utility split)")
     n_world_facts: int = Field(24, ge=2, description="facts about the world's places (utility split)")
 
@@ -116,7 +121,7 @@ class UnlearnConfig(TrainConfig):
     methods: list[str] = ["grad_ascent", "grad_diff"]
     optimizers: list[str] = ["adamw"]
     epochs: Positive = 5
-    lr: Positive = 1e-4
+    lr: Positive = 3e-4
     divergence_limit: float | None = Field(
         None, gt=0, description="stop early when |loss| exceeds this (gradient ascent is unbounded)"
     )
@@ -125,7 +130,7 @@ class UnlearnConfig(TrainConfig):
 
 
 class NoiseAttackConfig(Section):
-    sigma: float = Field(0.01, ge=0, description="noise std relative to each weight tensor's RMS")
+    sigma: float = Field(0.05, ge=0, description="noise std relative to each weight tensor's RMS")
     seed: int = 0
 
 

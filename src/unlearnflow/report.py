@@ -36,7 +36,7 @@ def collect_rows(eval_dirs: Sequence[Path]) -> list[dict]:
     """One row per eval directory: ``model, method, optimizer, attack`` then every metric.
 
     Rows are ordered target first, oracle second, then unlearned models sorted by
-    ``(method, optimizer, attack)`` (``None`` first).
+    ``(method, optimizer, attack)`` (``None`` first, then the ``none`` attack, then the others).
 
     Args:
         eval_dirs: directories each holding ``metrics.json`` and ``info.json``.
@@ -65,7 +65,10 @@ def collect_rows(eval_dirs: Sequence[Path]) -> list[dict]:
 
 
 def _row_order(row: dict) -> tuple:
-    return (MODELS.index(row["model"]), *((v is not None, v or "") for v in (row[k] for k in ID_KEYS[1:])))
+    method, optimizer = ((row[k] is not None, row[k] or "") for k in ("method", "optimizer"))
+    # The unattacked model ("none") leads its attacks: the baseline each attack is read against.
+    attack = (row["attack"] not in (None, "none"), row["attack"] or "")
+    return (MODELS.index(row["model"]), method, optimizer, attack)
 
 
 def write_summary(rows: Sequence[dict], path: Path) -> None:
