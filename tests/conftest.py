@@ -38,16 +38,25 @@ def tiny_tokenizer():
 
 
 @pytest.fixture
-def tiny_model(tiny_tokenizer):
+def make_tiny_model(tiny_tokenizer):
+    """Build a fresh tiny Llama; two calls give identical weights (seed 0)."""
     from unlearnflow.modeling import build_llama
 
-    return build_llama(
-        tiny_tokenizer,
-        hidden_size=32,
-        num_layers=2,
-        num_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=128,
-        tie_word_embeddings=True,
-        seed=0,
-    )
+    def make():
+        return build_llama(
+            tiny_tokenizer,
+            hidden_size=32,
+            num_layers=2,
+            num_heads=4,
+            intermediate_size=64,
+            max_position_embeddings=128,
+            tie_word_embeddings=True,
+            seed=0,
+        )
+
+    return make
+
+
+@pytest.fixture
+def tiny_model(make_tiny_model):
+    return make_tiny_model()

@@ -14,19 +14,8 @@ def snapshot(model):
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-def test_noise_is_seeded_and_relative(tiny_model, tiny_tokenizer):
-    from unlearnflow.modeling import build_llama
-
-    twin = build_llama(
-        tiny_tokenizer,
-        hidden_size=32,
-        num_layers=2,
-        num_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=128,
-        tie_word_embeddings=True,
-        seed=0,
-    )
+def test_noise_is_seeded_and_relative(tiny_model, make_tiny_model):
+    twin = make_tiny_model()
     before = snapshot(tiny_model)
     ratio = add_relative_noise(tiny_model, sigma=0.05, seed=3)
     add_relative_noise(twin, sigma=0.05, seed=3)

@@ -91,27 +91,13 @@ def run_sft(tok, model, *, batch_size: int, accum: int, seed: int = 0):
     return train.run(model, build_method("sft"), "sgd", data, cfg, pad_token_id=tok.pad_token_id, device=CPU)
 
 
-def test_accumulation_equals_a_bigger_batch(tiny_tokenizer):
+def test_accumulation_equals_a_bigger_batch(tiny_tokenizer, make_tiny_model):
     """Batch 4 × accumulation 1 and batch 2 × accumulation 2 take the same SGD step.
 
     With one step over all 4 examples both see the same examples; the loop's token weights make the
     accumulated loss the token mean of all 4 answers rather than a mean of two micro-batch means.
     """
-    from unlearnflow.modeling import build_llama
-
-    def fresh():
-        return build_llama(
-            tiny_tokenizer,
-            hidden_size=32,
-            num_layers=2,
-            num_heads=4,
-            intermediate_size=64,
-            max_position_embeddings=128,
-            tie_word_embeddings=True,
-            seed=0,
-        )
-
-    a, b = fresh(), fresh()
+    a, b = make_tiny_model(), make_tiny_model()
     ra = run_sft(tiny_tokenizer, a, batch_size=4, accum=1)
     rb = run_sft(tiny_tokenizer, b, batch_size=2, accum=2)
     assert ra.steps == rb.steps == 1
@@ -120,20 +106,9 @@ def test_accumulation_equals_a_bigger_batch(tiny_tokenizer):
         torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6, msg=f"{n} differs")
 
 
-def test_same_seed_same_numbers(tiny_tokenizer):
-    from unlearnflow.modeling import build_llama
-
+def test_same_seed_same_numbers(tiny_tokenizer, make_tiny_model):
     def once(seed: int):
-        m = build_llama(
-            tiny_tokenizer,
-            hidden_size=32,
-            num_layers=2,
-            num_heads=4,
-            intermediate_size=64,
-            max_position_embeddings=128,
-            tie_word_embeddings=True,
-            seed=0,
-        )
+        m = make_tiny_model()
         cfg = TrainConfig(epochs=3, batch_size=2, lr=1e-2, seed=seed)
         rows = train.run(
             m,

@@ -15,6 +15,7 @@ Conventions shared by every function here:
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -34,21 +35,28 @@ def shift(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 def sequence_nll(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
     """Per-sequence summed answer-token cross-entropy (seqNLL) and answer-token counts.
 
+    The one implementation, shared by the losses and the metrics. Only the kept positions are
+    upcast to float32, so a bf16 model does not pay for a float32 copy of the whole (B, T, V) tensor.
+
     Args:
-        logits: (B, T, V).
+        logits: (B, T, V), any float dtype.
         labels: (B, T), ``IGNORE_INDEX`` outside the answer.
 
     Returns:
-        ``(seq_nll, n_tokens)``, both (B,), float32; a row with no answer token has 0 and 0.
+        ``(seq_nll, n_tokens)``, both (B,) float32; a row with no answer token has 0 and 0.
     """
-    logits, labels, mask = shift(logits, labels)
-    ce = F.cross_entropy(
-        logits.float().reshape(-1, logits.size(-1)),
-        labels.clamp_min(0).reshape(-1),
-        reduction="none",
-    ).view_as(labels)
-    ce = ce * mask
-    return ce.sum(dim=1), mask.sum(dim=1).float()
+    if logits.dim() != 3 or labels.shape != logits.shape[:2]:
+        raise ValueError(
+            f"expected logits (B, T, V) and labels (B, T); got {tuple(logits.shape)}, {tuple(labels.shape)}"
+        )
+    target = labels[:, 1:]
+    keep = target != IGNORE_INDEX  # (B, T-1)
+    rows = torch.arange(labels.shape[0], device=labels.device).unsqueeze(1).expand_as(target)[keep]
+    token_nll = F.cross_entropy(logits[:, :-1][keep].float(), target[keep], reduction="none")
+    seq = torch.zeros(labels.shape[0], dtype=torch.float32, device=logits.device).index_add(
+        0, rows, token_nll
+    )
+    return seq, keep.sum(dim=1).float()
 
 
 def nll_loss(logits: Tensor, labels: Tensor, *, token_weight: float = 1.0) -> Tensor:

@@ -15,10 +15,10 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from unlearnflow.data.tokenize import IGNORE_INDEX, collate, collate_left, encode_prompt, encode_qa
+from unlearnflow.data.tokenize import collate, collate_left, encode_prompt, encode_qa
+from unlearnflow.losses import sequence_nll
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +40,7 @@ def answer_nll(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
     ALGORITHMS.md notation: returns seqNLL per sequence and the number of answer tokens, so
     avgNLL = sum / count. Position t's logits predict token t+1: ``logits[:, :-1]`` is scored
     against ``labels[:, 1:]``; positions whose shifted label is ``IGNORE_INDEX`` (-100: BOS,
-    prompt, padding) are left out. Only the kept positions are upcast to float32, so a bf16 model
-    does not pay for a float32 copy of the whole (B, T, V) tensor.
+    prompt, padding) are left out. Delegates to ``losses.sequence_nll`` (the one implementation).
 
     Args:
         logits: (B, T, V) model outputs, any float dtype.
@@ -51,17 +50,8 @@ def answer_nll(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         ``(nll_sum, count)``: (B,) float32 sums and (B,) int64 counts; a row with no answer token
         has sum 0 and count 0 (never NaN).
     """
-    if logits.dim() != 3 or labels.shape != logits.shape[:2]:
-        raise ValueError(
-            f"expected logits (B, T, V) and labels (B, T); got {tuple(logits.shape)}, {tuple(labels.shape)}"
-        )
-    target = labels[:, 1:]
-    keep = target != IGNORE_INDEX  # (B, T-1)
-    rows = torch.arange(labels.shape[0], device=labels.device).unsqueeze(1).expand_as(target)[keep]  # (N,)
-    token_nll = F.cross_entropy(logits[:, :-1][keep].float(), target[keep], reduction="none")  # (N,)
-    nll_sum = torch.zeros(labels.shape[0], dtype=torch.float32, device=logits.device)
-    nll_sum.index_add_(0, rows, token_nll)
-    return nll_sum, keep.sum(dim=1)
+    nll_sum, count = sequence_nll(logits, labels)
+    return nll_sum, count.long()
 
 
 def _length_order(lengths: Sequence[int]) -> list[int]:
