@@ -44,9 +44,7 @@ def main(
             ready = getattr(model_cfg, role)
             if ready is not None:
                 # A ready checkpoint (e.g. a published TOFU target and its retain model): adopt it as is.
-                modeling.load_model(
-                    ready, trust_remote_code=model_cfg.trust_remote_code
-                )  # fails early if unreadable
+                modeling.check_checkpoint_dir(ready)
                 with atomic_dir(out) as tmp:
                     link_or_copy_tree(Path(ready), tmp)
                     run.write_manifest(tmp / "run.json")

@@ -46,7 +46,7 @@ def main(
         ) as run:
             tok = modeling.load_tokenizer(model, trust_remote_code=model_cfg.trust_remote_code)
             net = modeling.load_model(model, trust_remote_code=model_cfg.trust_remote_code)
-            data = split_io.read_splits(splits, ["forget", "retain"])
+            data = split_io.read_splits(splits, list(algo.streams))  # only what the method trains on
             encoded = {
                 name: [
                     encode_qa(tok, r["question"], r["answer"], max_length=model_cfg.max_length) for r in rows

@@ -131,3 +131,36 @@ def test_unknown_method_lists_known_ones(tmp_path):
     )
     assert result.exit_code == 2
     assert "unknown method 'no_such_method'; known:" in result.output and "grad_ascent" in result.output
+
+
+def test_finetune_adopts_a_ready_checkpoint_without_training(
+    tmp_path, monkeypatch, tiny_model, tiny_tokenizer
+):
+    from unlearnflow.modeling import save_pretrained
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    ready = tmp_path / "published-target"
+    save_pretrained(tiny_model, tiny_tokenizer, ready)
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["model"]["target"] = str(ready)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    finetune = load_stage("finetune")
+    args = [
+        "target",
+        "--splits",
+        str(tmp_path / "no-splits"),
+        "--out",
+        str(tmp_path / "models/target"),
+        "--params",
+        "params.yaml",
+    ]
+    result = CliRunner().invoke(finetune.app, args)
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "models/target"
+    assert (out / "model.safetensors").read_bytes() == (ready / "model.safetensors").read_bytes()
+    assert (out / "run.json").exists() and not (out / "steps.jsonl").exists()
+
+    (ready / "model.safetensors").unlink()
+    result = CliRunner().invoke(finetune.app, args)
+    assert result.exit_code == 2 and "no *.safetensors weights" in result.output

@@ -75,6 +75,21 @@ def test_collect_rows_order_and_keys(eval_dirs: list[Path]) -> None:
     assert math.isnan(rows[0]["world_facts_rouge"])
 
 
+def test_unattacked_model_leads_its_attacks(eval_dirs: list[Path], tmp_path: Path) -> None:
+    """Attack "none" sorts before every real attack, even those that sort before it alphabetically."""
+    extra = [
+        _eval_dir(
+            tmp_path,
+            f"npo-sgd-{a}",
+            {"model": "unlearned", "method": "npo", "optimizer": "sgd", "attack": a},
+            _metrics(0.5, 0.5, 0.5),
+        )
+        for a in ("noise", "none")
+    ]
+    rows = collect_rows([*eval_dirs, *extra])
+    assert [r["attack"] for r in rows if r["optimizer"] == "sgd"] == ["none", "noise"]
+
+
 def test_collect_rows_missing_file(tmp_path: Path) -> None:
     (tmp_path / "broken").mkdir()
     with pytest.raises(UnlearnflowError, match=r"info\.json is missing"):

@@ -87,6 +87,20 @@ def _check_local(source: str | Path) -> None:
         raise UnlearnflowError(f"model directory not found: {text}")
 
 
+def check_checkpoint_dir(path: str | Path) -> None:
+    """A local Hugging Face checkpoint directory with a config and safetensors weights, or a one-line error.
+
+    Cheap on purpose: adopting a ready multi-GB checkpoint must not load it just to look at it.
+    """
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        raise UnlearnflowError(f"checkpoint directory not found: {path}")
+    if not (path / "config.json").is_file():
+        raise UnlearnflowError(f"{path} has no config.json: not a Hugging Face model directory")
+    if not any(path.glob("*.safetensors")):
+        raise UnlearnflowError(f"{path} has no *.safetensors weights (only safetensors are read)")
+
+
 def load_tokenizer(source: str | Path, *, trust_remote_code: bool = False) -> Any:
     """Load a tokenizer from a local directory or hub id; give it a pad token if it has none."""
     from transformers import AutoTokenizer
