@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup pipeline test lint format bench clean
+.PHONY: setup pipeline test lint format bench bench-eval clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -37,6 +37,10 @@ lint: setup
 
 bench: setup
 	$(BIN)/python bench/stage_times.py
+
+bench-eval: setup
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro finetune@target
+	$(BIN)/python bench/eval_throughput.py
 
 clean:
 	rm -rf $(VENV) mlflow.db mlruns

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
-import numpy as np
 import typer
 
 from unlearnflow import cli, modeling, tracking
@@ -12,21 +12,21 @@ from unlearnflow.config import ComputeConfig, EvaluateConfig, ModelConfig, load_
 from unlearnflow.data import splits as split_io
 from unlearnflow.errors import UnlearnflowError
 from unlearnflow.io import atomic_dir, read_jsonl, write_json, write_jsonl
-from unlearnflow.metrics import evaluate_splits, summary_metrics
+from unlearnflow.metrics import SuiteOptions, evaluate_splits, relative_metrics
+from unlearnflow.metrics.suite import check_metric_names
 
 app = cli.stage_app(__doc__)
-EVAL_SPLITS = ("forget", "retain", "real_authors", "world_facts")
-UTILITY = ("retain", "real_authors", "world_facts")
 
 
-def oracle_truth_ratios(reference: str) -> np.ndarray | None:
-    """The oracle's per-sample forget truth ratios from its evaluate output (None for the oracle itself)."""
+def oracle_rows(reference: str) -> dict[str, list[dict]] | None:
+    """The oracle's per-sample rows from its evaluate output (None for the oracle itself)."""
     if reference == "self":
         return None
-    path = Path(reference) / "forget.jsonl"
-    if not path.exists():
-        raise UnlearnflowError(f"oracle per-sample file not found: {path} (evaluate the oracle first)")
-    return np.array([row["truth_ratio"] for row in read_jsonl(path)], dtype=float)
+    folder = Path(reference)
+    files = sorted(folder.glob("*.jsonl"))
+    if not files:
+        raise UnlearnflowError(f"no oracle per-sample files in {folder} (evaluate the oracle first)")
+    return {f.stem: read_jsonl(f) for f in files}
 
 
 @app.command()
@@ -41,9 +41,11 @@ def main(
     attack: str = typer.Option(None, help="attack applied to an unlearned model"),
     params: Path = typer.Option(Path("params.yaml"), help="params file"),
 ) -> None:
-    """Evaluate MODEL on the forget, retain and utility splits; forget quality is measured against the oracle."""
+    """Evaluate MODEL with the benchmark's metric suite; forget quality, privleak and the reference
+    attack are measured against the oracle."""
     with cli.user_errors():
         cfg = load_section(params, "evaluate", EvaluateConfig)
+        check_metric_names(cfg.metrics)
         model_cfg = load_section(params, "model", ModelConfig)
         device = modeling.pick_device(load_section(params, "compute", ComputeConfig).device)
         kind = name if name in ("target", "oracle") else "unlearned"
@@ -57,29 +59,25 @@ def main(
             upstream=upstream,
         ) as run:
             run.set_tags({k: str(v) for k, v in info.items() if v is not None})
-            reference = oracle_truth_ratios(oracle)
+            reference = oracle_rows(oracle)
+            layout = split_io.read_layout(splits)
             tok = modeling.load_tokenizer(model, trust_remote_code=model_cfg.trust_remote_code)
             net = modeling.load_model(model, device=device, trust_remote_code=model_cfg.trust_remote_code)
-            data = split_io.read_splits(splits, EVAL_SPLITS)
+            data = split_io.read_splits(splits, layout.evaluated())
             result = evaluate_splits(
                 net,
                 tok,
                 data,
+                layout,
                 metrics=cfg.metrics,
-                batch_size=cfg.batch_size,
-                max_new_tokens=cfg.max_new_tokens,
-                max_length=model_cfg.max_length,
                 device=device,
-                max_samples=cfg.max_samples,
-                seed=cfg.seed,
+                opts=SuiteOptions(**cfg.suite_options(model_cfg.max_length)),
             )
-            forget_tr = result.forget_truth_ratios
-            metrics = {
-                **result.aggregates,
-                **summary_metrics(
-                    result.aggregates, forget_tr, forget_tr if reference is None else reference, UTILITY
-                ),
-            }
+            relative = relative_metrics(
+                result, layout, result.per_sample if reference is None else reference, cfg.metrics
+            )
+            # An undefined number (no oracle, no such split) is left out, not written as NaN.
+            metrics = {k: v for k, v in {**result.aggregates, **relative}.items() if not math.isnan(v)}
             with atomic_dir(out / "samples") as tmp:
                 for split, rows in result.per_sample.items():
                     write_jsonl(tmp / f"{split}.jsonl", rows)

@@ -9,7 +9,7 @@ import typer
 from unlearnflow import cli, modeling, tracking, train
 from unlearnflow.config import ComputeConfig, FinetuneConfig, ModelConfig, TrackingConfig, load_section
 from unlearnflow.data import splits as split_io
-from unlearnflow.data.tokenize import encode_qa
+from unlearnflow.data.tokenize import training_examples
 from unlearnflow.errors import UnlearnflowError
 from unlearnflow.io import atomic_dir, link_or_copy_tree, write_jsonl
 from unlearnflow.methods import build_method
@@ -50,9 +50,11 @@ def main(
                     run.write_manifest(tmp / "run.json")
                 run.set_tags({"finetune.source": str(ready)})
                 return
-            data = split_io.read_splits(splits)
+            layout = split_io.read_layout(splits)
             if model_cfg.base == "scratch":
-                tok = modeling.train_bpe_tokenizer(split_io.corpus_texts(data), model_cfg.scratch.vocab_size)
+                data = split_io.read_splits(splits)
+                corpus = split_io.corpus_texts(data, layout)
+                tok = modeling.train_bpe_tokenizer(corpus, model_cfg.scratch.vocab_size)
                 s = model_cfg.scratch
                 model = modeling.build_llama(
                     tok,
@@ -65,14 +67,20 @@ def main(
                     seed=cfg.seed,
                 )
             else:
+                data = split_io.read_splits(splits, layout.train[role])
                 tok = modeling.load_tokenizer(model_cfg.base, trust_remote_code=model_cfg.trust_remote_code)
                 model = modeling.load_model(model_cfg.base, trust_remote_code=model_cfg.trust_remote_code)
-            rows = split_io.training_rows(data, role)
             encoded = [
-                encode_qa(tok, r["question"], r["answer"], max_length=model_cfg.max_length) for r in rows
+                ex
+                for name in layout.train[role]
+                for ex in training_examples(
+                    tok, data[name], layout.info[name].kind, max_length=model_cfg.max_length
+                )
             ]
+            for name in layout.train[role]:
+                run.log_dataset(splits / f"{name}.jsonl", name=name, context=f"finetune-{role}")
             run.log_metrics(
-                {"n_parameters": float(modeling.count_parameters(model)), "n_train": float(len(rows))}
+                {"n_parameters": float(modeling.count_parameters(model)), "n_train": float(len(encoded))}
             )
             result = train.run(
                 model,

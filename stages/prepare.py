@@ -1,4 +1,5 @@
-"""Stage `prepare`: write the benchmark's splits (JSONL) and a manifest of counts and hashes."""
+"""Stage `prepare`: build or load the benchmark and write its splits (JSONL) with a manifest of counts,
+hashes, and each split's kind and role."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import typer
 from unlearnflow import cli, tracking
 from unlearnflow.config import BenchmarkConfig, load_section
 from unlearnflow.data import splits as split_io
-from unlearnflow.data import synthetic
+from unlearnflow.data.loaders import build_benchmark
 from unlearnflow.io import atomic_dir
 
 app = cli.stage_app(__doc__)
@@ -20,18 +21,18 @@ def main(
     out: Path = typer.Option(..., help="directory of the split files (a DVC out)"),
     params: Path = typer.Option(Path("params.yaml"), help="params file"),
 ) -> None:
-    """Build the embedded synthetic benchmark and write forget/retain/holdout/utility splits."""
+    """Build (synthetic) or load (tofu, muse, wmdp, custom) the benchmark and write its splits."""
     with cli.user_errors():
         bench = load_section(params, "benchmark", BenchmarkConfig)
         with tracking.stage_run(
             "prepare", None, experiment=cli.experiment_name(params), params={"benchmark": bench.model_dump()}
         ) as run:
-            splits = synthetic.generate(bench)
+            benchmark = build_benchmark(bench)
             with atomic_dir(out) as tmp:
-                manifest = split_io.write_splits(splits, tmp, meta={"benchmark": bench.model_dump()})
+                manifest = split_io.write_splits(benchmark, tmp, meta={"benchmark": bench.model_dump()})
                 run.write_manifest(tmp / "run.json")
             run.log_metrics({f"n_{name}": float(n) for name, n in manifest["counts"].items()})
-            for name in splits:
+            for name in benchmark.splits:
                 run.log_dataset(out / f"{name}.jsonl", name=name, context="prepare")
 
 

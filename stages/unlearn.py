@@ -9,7 +9,7 @@ import typer
 from unlearnflow import cli, modeling, tracking, train
 from unlearnflow.config import ComputeConfig, ModelConfig, TrackingConfig, UnlearnConfig, load_section
 from unlearnflow.data import splits as split_io
-from unlearnflow.data.tokenize import encode_qa
+from unlearnflow.data.tokenize import training_examples
 from unlearnflow.io import atomic_dir, write_jsonl
 from unlearnflow.methods import build_method
 from unlearnflow.optim import parse_optimizer_args
@@ -46,15 +46,17 @@ def main(
         ) as run:
             tok = modeling.load_tokenizer(model, trust_remote_code=model_cfg.trust_remote_code)
             net = modeling.load_model(model, trust_remote_code=model_cfg.trust_remote_code)
-            data = split_io.read_splits(splits, list(algo.streams))  # only what the method trains on
+            layout = split_io.read_layout(splits)
+            sources = {stream: layout.unlearn[stream] for stream in algo.streams}  # only what it trains on
+            data = split_io.read_splits(splits, list(sources.values()))
             encoded = {
-                name: [
-                    encode_qa(tok, r["question"], r["answer"], max_length=model_cfg.max_length) for r in rows
-                ]
-                for name, rows in data.items()
+                stream: training_examples(
+                    tok, data[name], layout.info[name].kind, max_length=model_cfg.max_length
+                )
+                for stream, name in sources.items()
             }
-            for name in algo.streams:
-                run.log_dataset(splits / f"{name}.jsonl", name=name, context="unlearn")
+            for stream, name in sources.items():
+                run.log_dataset(splits / f"{name}.jsonl", name=name, context=f"unlearn-{stream}")
             result = train.run(
                 net,
                 algo,

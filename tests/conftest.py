@@ -60,3 +60,15 @@ def make_tiny_model(tiny_tokenizer):
 @pytest.fixture
 def tiny_model(make_tiny_model):
     return make_tiny_model()
+
+
+@pytest.fixture
+def sharp_model(tiny_model):
+    """The tiny Llama with weights redrawn at std 0.3 (norms kept at 1): the default 0.02 init gives
+    near-uniform logits and the same greedy token for every prompt, which would hide ordering bugs."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in tiny_model.named_parameters():
+            if "norm" not in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return tiny_model.eval()

@@ -42,6 +42,7 @@ SHRINK = {
 }
 METHODS = ("grad_ascent", "grad_diff")
 ATTACKS = ("none", "noise")
+MIA_AUCS = ("mia_loss", "mia_zlib", "mia_min_k", "mia_min_k_pp", "mia_grad_norm", "mia_reference")
 
 
 def merge(base: dict, override: dict) -> dict:
@@ -112,8 +113,12 @@ def test_repro_writes_the_report(repo):
                 assert 0.0 <= value <= 1.0, (row["model"], split, metric, value)
         assert 0.0 <= row["model_utility"] <= 1.0
         assert 0.0 <= row["forget_quality"] <= 1.0
+        for key in ("forget_exact_memorization", "forget_extraction_strength", *MIA_AUCS):
+            assert 0.0 <= row[key] <= 1.0, (row["model"], key, row[key])
+        assert -100.0 <= row["privleak"] <= 100.0
     oracle = rows[1]
     assert oracle["forget_quality"] == 1.0, "the oracle is its own reference"
+    assert oracle["mia_reference"] == 0.5 and oracle["privleak"] == pytest.approx(0.0, abs=1e-6)
     table = (path / "reports" / "report.md").read_text()
     assert "forget_quality" in table and "grad_diff" in table
     assert (path / "reports" / "tradeoff.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,4 +1,4 @@
-"""TOFU metric maths (metrics/tofu.py) and the summary (suite.summary_metrics) on hand-computed values."""
+"""Metric maths (metrics/tofu.py, memorization.py, mia.py) on hand-computed values."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from unlearnflow.metrics import summary_metrics, tofu
+from unlearnflow.metrics import memorization, mia, tofu
 
 LN2, LN4 = math.log(2.0), math.log(4.0)
 
@@ -83,17 +83,74 @@ def test_rouge_l_recall_hand_values():
         tofu.rouge_l_recall(["a"], [])
 
 
-def test_summary_metrics_without_oracle_is_nan_and_utility_is_hmean():
-    """retain prob 1, rouge 0.5, truth ratio 0.5 → hmean = 3 / (1 + 2 + 2) = 0.6; world_facts is
-    absent from the aggregates and skipped; no oracle → forget quality NaN (undefined, not 0)."""
-    aggregates = {"retain_prob": 1.0, "retain_rouge": 0.5, "retain_truth_ratio": 0.5, "forget_prob": 0.01}
-    out = summary_metrics(aggregates, np.array([0.5, 1.0]), None, ["retain", "world_facts"])
-    assert math.isnan(out["forget_quality"])
-    assert out["model_utility"] == pytest.approx(0.6)
+def test_rouge_l_f1_hand_value():
+    """LCS("the cat sat", "the cat sat on the mat") = 3: P = 1, R = 1/2, F1 = 2/3."""
+    got = tofu.rouge_l_f1(["the cat sat", "dog"], ["the cat sat on the mat", "cat"])
+    assert got == pytest.approx([2 / 3, 0.0])
 
 
-def test_summary_metrics_forget_quality_vs_oracle():
-    """Same KS case as above: separated samples of sizes 3 and 3 → p = 0.1."""
-    out = summary_metrics({}, np.array([1.0, 2.0, 3.0]), np.array([4.0, 5.0, 6.0]), ["retain"])
-    assert out["forget_quality"] == pytest.approx(0.1)
-    assert math.isnan(out["model_utility"])
+# --- memorisation ---------------------------------------------------------------------------------
+
+
+def test_exact_memorization_is_the_fraction_of_argmax_hits():
+    assert memorization.exact_memorization(np.array([True, False, True, True])) == pytest.approx(0.75)
+    assert math.isnan(memorization.exact_memorization(np.zeros(0, bool)))
+
+
+@pytest.mark.parametrize(
+    ("correct", "expected"),
+    [
+        ([True, True, True], 1.0),  # k = 0: the whole answer is reproduced
+        ([False, True, True], 2 / 3),  # k = 1
+        ([False, False, True, True], 0.5),  # k = 2
+        ([True, False, True, True], 0.5),  # a miss in the middle: the suffix starts after it
+        ([True, True, False], 0.0),  # last token wrong: k = |y| (open-unlearning would give 1/3)
+    ],
+)
+def test_extraction_strength_hand_values(correct, expected):
+    assert memorization.extraction_strength(np.array(correct)) == pytest.approx(expected)
+
+
+# --- membership inference ---------------------------------------------------------------------
+
+
+def test_loss_zlib_and_reference_scores():
+    """loss = −avgNLL; zlib divides by the compressed size (12 bytes for "aaaa", 28 for the
+    sentence); reference = avgNLL_ref − avgNLL_model."""
+    nll = np.array([2.0, 1.4])
+    np.testing.assert_allclose(mia.loss_score(nll), [-2.0, -1.4])
+    np.testing.assert_allclose(mia.zlib_score(nll, ["aaaa", "The cat sat on the mat."]), [-2 / 12, -1.4 / 28])
+    np.testing.assert_allclose(mia.reference_score(np.array([0.5, 2.5]), np.array([1.0, 2.0])), [0.5, -0.5])
+
+
+def test_min_k_takes_the_lowest_fraction_of_token_logprobs():
+    """k = 0.4 of 5 tokens → the 2 lowest (−5, −4) → −4.5; k = 0.1 → at least one token → −5."""
+    lp = np.array([-1.0, -3.0, -5.0, -2.0, -4.0])
+    assert mia.min_k_score(lp, 0.4) == pytest.approx(-4.5)
+    assert mia.min_k_score(lp, 0.1) == pytest.approx(-5.0)
+    assert math.isnan(mia.min_k_score(np.zeros(0)))
+
+
+def test_min_k_pp_standardises_by_the_predictive_distribution():
+    """z = [(−1 + 1.5)/0.5, (−2 + 1.5)/1] = [1, −0.5]; k = 0.4 of 2 → 1 token → −0.5. A zero
+    variance is clamped to 1e-6 (σ = 1e-3)."""
+    lp, mu = np.array([-1.0, -2.0]), np.array([-1.5, -1.5])
+    assert mia.min_k_pp_score(lp, mu, np.array([0.25, 1.0]), 0.4) == pytest.approx(-0.5)
+    assert mia.min_k_pp_score(np.array([-1.0]), np.array([-1.001]), np.array([0.0]), 0.4) == pytest.approx(
+        1.0
+    )
+
+
+def test_auc_counts_ties_as_half():
+    """Members [3, 2] vs non-members [1, 2]: 3 wins + 1 tie of 4 pairs → 0.875."""
+    assert mia.auc(np.array([3.0, 2.0]), np.array([1.0, 2.0])) == pytest.approx(0.875)
+    with pytest.raises(ValueError, match="NaN"):
+        mia.auc(np.array([np.nan]), np.array([1.0]))
+
+
+def test_privleak_muse_convention():
+    """AUC' = 1 − AUC. Model AUC 0.875 without oracle: (0.125 − 0.5)/0.5 = −75; the oracle against
+    itself gives 0; model 0.5 vs oracle 0.25: (0.5 − 0.75)/0.75 = −33.3."""
+    assert mia.privleak(0.875, None) == pytest.approx(-75.0)
+    assert mia.privleak(0.3, 0.3) == pytest.approx(0.0)
+    assert mia.privleak(0.5, 0.25) == pytest.approx(-100 / 3)

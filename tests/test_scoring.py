@@ -10,9 +10,14 @@ import torch
 import torch.nn.functional as F
 
 from unlearnflow.data.tokenize import IGNORE_INDEX, collate, encode_prompt, encode_qa
-from unlearnflow.errors import ConfigError
-from unlearnflow.metrics import METRICS, evaluate_splits, suite
-from unlearnflow.metrics.scoring import answer_nll, generate_greedy, score_qa
+from unlearnflow.metrics.scoring import (
+    TokenStats,
+    answer_nll,
+    generate_greedy,
+    grad_norm_scores,
+    score_examples,
+    score_qa,
+)
 
 MAX_LENGTH = 96
 
@@ -24,23 +29,15 @@ QUESTIONS = [
 ]
 
 
-@pytest.fixture
-def sharp_model(tiny_model):
-    """The tiny Llama with weights redrawn at std 0.3 (norms kept at 1): the default 0.02 init gives
-    near-uniform logits and the same greedy token for every prompt, which would hide ordering bugs."""
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in tiny_model.named_parameters():
-            if "norm" not in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    return tiny_model.eval()
-
-
 def _hf_avg_nll(model, tokenizer, question: str, answer: str) -> float:
     """Independent avgNLL: the model's own shifted mean cross-entropy on one unpadded pair."""
     batch = collate([encode_qa(tokenizer, question, answer, max_length=MAX_LENGTH)], tokenizer.pad_token_id)
     with torch.no_grad():
         return model(**batch).loss.item()
+
+
+def _prompts(tokenizer) -> list[list[int]]:
+    return [encode_prompt(tokenizer, q) for q in QUESTIONS]
 
 
 def _naive_greedy(model, tokenizer, question: str, max_new_tokens: int, eos: int) -> list[int]:
@@ -121,7 +118,7 @@ def test_generate_greedy_left_padded_batches_equal_unpadded_rows(sharp_model, ti
     equals a plain argmax loop run on each prompt alone."""
     eos = tiny_tokenizer.eos_token_id
     got = generate_greedy(
-        sharp_model, tiny_tokenizer, QUESTIONS, max_new_tokens=8, batch_size=3, device="cpu"
+        sharp_model, tiny_tokenizer, _prompts(tiny_tokenizer), max_new_tokens=8, batch_size=3, device="cpu"
     )
     expected = [
         tiny_tokenizer.decode(
@@ -147,7 +144,7 @@ def test_generate_greedy_cuts_each_row_at_its_first_eos(sharp_model, tiny_tokeni
     got = generate_greedy(
         sharp_model,
         tiny_tokenizer,
-        QUESTIONS,
+        _prompts(tiny_tokenizer),
         max_new_tokens=8,
         batch_size=4,
         device="cpu",
@@ -157,117 +154,97 @@ def test_generate_greedy_cuts_each_row_at_its_first_eos(sharp_model, tiny_tokeni
     assert got[0] == tiny_tokenizer.decode(raw[0][:k], skip_special_tokens=True).strip()
 
 
-# --- evaluate_splits ----------------------------------------------------------------------------
+# --- score_examples / TokenStats -------------------------------------------------------------
 
 
-def _qa_rows(n: int) -> list[dict]:
-    return [
-        {
-            "question": QUESTIONS[i % 4] + " " * i,
-            "answer": f"Answer number {i} is Kerravin.",
-            "paraphrased_answer": f"It is Kerravin, number {i}.",
-            "paraphrased_question": "unused",
-            "perturbed_answer": [f"Delmsford {i}.", "Ivo Stenmark.", "In 1957."],
-            "author": f"Author {i}",
-            "attribute": "birthplace",
-        }
-        for i in range(n)
-    ]
+def _reference_token_stats(model, tokenizer, question: str, answer: str):
+    """Per-token log p, argmax hits, and the predictive mean / variance of log p, from one unpadded
+    forward computed position by position."""
+    enc = encode_qa(tokenizer, question, answer, max_length=MAX_LENGTH)
+    ids = torch.tensor([enc["input_ids"]])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0]
+    lp, ok, mu, var = [], [], [], []
+    for t, label in enumerate(enc["labels"]):
+        if t == 0 or label == IGNORE_INDEX:
+            continue
+        dist = torch.log_softmax(logits[t - 1].double(), dim=-1)
+        lp.append(float(dist[label]))
+        ok.append(int(dist.argmax()) == label)
+        p = dist.exp()
+        m = float((p * dist).sum())
+        mu.append(m)
+        var.append(float((p * dist**2).sum()) - m * m)
+    return np.array(lp), np.array(ok), np.array(mu), np.array(var)
 
 
-def _options_rows(n: int) -> list[dict]:
-    return [
-        {"question": QUESTIONS[i % 4], "answer": f"Delmsford {i}", "perturbed_answer": ["Kerravin", "Voss"]}
-        for i in range(n)
-    ]
-
-
-def _evaluate(model, tok, splits, metrics=("prob", "rouge", "truth_ratio"), **kw):
-    return evaluate_splits(
-        model,
-        tok,
-        splits,
-        metrics=metrics,
-        batch_size=4,
-        max_new_tokens=4,
-        max_length=MAX_LENGTH,
+def test_score_examples_token_stats_match_a_position_by_position_reference(sharp_model, tiny_tokenizer):
+    """Batched (padded, length-sorted) stats equal the per-position reference; the appended EOS is
+    the last target token and is left out of ``content``; avgNLL equals the model's own loss."""
+    tok = tiny_tokenizer
+    answers = ["Kerravin.", "Ivo Stenmark wrote it in a long winter.", "Delmsford.", "1957"]
+    examples = [encode_qa(tok, q, a, max_length=MAX_LENGTH) for q, a in zip(QUESTIONS, answers, strict=True)]
+    stats = score_examples(
+        sharp_model,
+        examples,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        batch_size=3,
         device="cpu",
-        **kw,
+        vocab_stats=True,
     )
+    for st, q, a in zip(stats, QUESTIONS, answers, strict=True):
+        lp, ok, mu, var = _reference_token_stats(sharp_model, tok, q, a)
+        np.testing.assert_allclose(st.logprobs, lp, atol=1e-5)
+        np.testing.assert_array_equal(st.correct, ok)
+        np.testing.assert_allclose(st.mu, mu, atol=1e-5)
+        np.testing.assert_allclose(st.var, var, atol=1e-4)
+        assert st.ends_with_eos and st.content == slice(0, len(lp) - 1)
+        assert st.avg_nll == pytest.approx(_hf_avg_nll(sharp_model, tok, q, a), abs=1e-5)
 
 
-def test_evaluate_splits_keys_and_values(sharp_model, tiny_tokenizer):
-    """Keys per split × metric; per-sample prob = exp(−avgNLL) from the model's own loss; forget tr =
-    exp(avgNLL(paraphrase) − mean avgNLL(perturbed)) with the min(tr, 1/tr) aggregate; options prob
-    normalised over the options."""
-    m, tok = sharp_model, tiny_tokenizer
-    splits = {"forget": _qa_rows(3), "retain": _qa_rows(4), "world_facts": _options_rows(3)}
-    res = _evaluate(m, tok, splits)
-    assert set(res.aggregates) == {f"{s}_{k}" for s in splits for k in ("prob", "rouge", "truth_ratio")}
-    assert all(math.isfinite(v) for v in res.aggregates.values())
-    forget = res.per_sample["forget"]
-    assert [r["index"] for r in forget] == [0, 1, 2]
-    common = {"index", "question", "answer", "generation", "prob", "rouge", "truth_ratio"}
-    assert set(forget[0]) == common | {"author", "attribute"}
-    assert set(res.per_sample["world_facts"][0]) == common
-    for r, row in zip(forget, splits["forget"], strict=True):
-        assert r["prob"] == pytest.approx(
-            math.exp(-_hf_avg_nll(m, tok, row["question"], row["answer"])), abs=1e-5
-        )
-        wrong = np.mean([_hf_avg_nll(m, tok, row["question"], a) for a in row["perturbed_answer"]])
-        tr = math.exp(_hf_avg_nll(m, tok, row["question"], row["paraphrased_answer"]) - wrong)
-        assert r["truth_ratio"] == pytest.approx(tr, rel=1e-4)
-    tr = np.array([r["truth_ratio"] for r in forget])
-    np.testing.assert_allclose(res.forget_truth_ratios, tr)
-    assert res.aggregates["forget_truth_ratio"] == pytest.approx(np.mean(np.minimum(tr, 1 / tr)))
-    retain_tr = np.array([r["truth_ratio"] for r in res.per_sample["retain"]])
-    assert res.aggregates["retain_truth_ratio"] == pytest.approx(np.mean(np.maximum(0, 1 - retain_tr)))
-    row = splits["world_facts"][0]
-    p = [
-        math.exp(-_hf_avg_nll(m, tok, row["question"], a)) for a in [row["answer"], *row["perturbed_answer"]]
-    ]
-    assert res.per_sample["world_facts"][0]["prob"] == pytest.approx(p[0] / sum(p), rel=1e-4)
+def test_token_stats_content_keeps_a_target_without_eos():
+    st = TokenStats(logprobs=np.array([-1.0, -2.0]), correct=np.array([True, False]), ends_with_eos=False)
+    assert st.content == slice(0, 2) and st.avg_nll == pytest.approx(1.5)
+    assert math.isnan(TokenStats(logprobs=np.zeros(0), correct=np.zeros(0, bool)).avg_nll)
 
 
-def test_evaluate_splits_one_pass_per_split(monkeypatch, tiny_model, tiny_tokenizer):
-    """One score_qa call per split; generation only when rouge is requested; eval mode restored."""
-    calls = {"score": 0, "generate": 0}
-    real_score, real_generate = suite.score_qa, suite.generate_greedy
+def test_grad_norm_scores_match_a_manual_backward(sharp_model, tiny_tokenizer):
+    """score = −mean over parameter tensors of ‖∇ mean NLL(content tokens)‖₂, one example at a time."""
+    tok = tiny_tokenizer
+    examples = [encode_qa(tok, q, "Kerravin.", max_length=MAX_LENGTH) for q in QUESTIONS[:2]]
+    got = grad_norm_scores(sharp_model, examples, eos_token_id=tok.eos_token_id, device="cpu")
+    for score, ex in zip(got, examples, strict=True):
+        sharp_model.zero_grad()
+        batch = collate([ex], tok.pad_token_id)
+        logits = sharp_model(input_ids=batch["input_ids"]).logits[0]
+        labels = batch["labels"][0]
+        pos = [t for t in range(1, len(labels)) if labels[t] != IGNORE_INDEX][:-1]  # final EOS out
+        loss = torch.stack([F.cross_entropy(logits[t - 1], labels[t]) for t in pos]).mean()
+        loss.backward()
+        norms = [p.grad.norm() for p in sharp_model.parameters() if p.grad is not None]
+        assert score == pytest.approx(-float(torch.stack(norms).mean()), rel=1e-4)
+    sharp_model.zero_grad()
 
-    def count(key, fn):
-        def wrapped(*a, **kw):
-            calls[key] += 1
-            return fn(*a, **kw)
 
-        return wrapped
-
-    monkeypatch.setattr(suite, "score_qa", count("score", real_score))
-    monkeypatch.setattr(suite, "generate_greedy", count("generate", real_generate))
-    tiny_model.train()
-    res = _evaluate(
-        tiny_model,
+def test_generate_greedy_cuts_at_stop_strings(sharp_model, tiny_tokenizer):
+    """A stop string ends the answer where it first occurs (what stopping generation there gives)."""
+    full = generate_greedy(
+        sharp_model,
         tiny_tokenizer,
-        {"forget": _qa_rows(2), "real_authors": _options_rows(2)},
-        ("prob", "truth_ratio"),
-    )
-    assert calls == {"score": 2, "generate": 0}
-    assert "generation" not in res.per_sample["forget"][0]
-    assert tiny_model.training
-
-
-def test_evaluate_splits_max_samples_is_a_deterministic_subset(tiny_model, tiny_tokenizer):
-    """Seeded subset of 3 of 6 rows: sorted indices, the same on every call with one seed."""
-    splits = {"retain": _qa_rows(6)}
-    a = _evaluate(tiny_model, tiny_tokenizer, splits, ("prob",), max_samples=3, seed=7)
-    b = _evaluate(tiny_model, tiny_tokenizer, splits, ("prob",), max_samples=3, seed=7)
-    idx = [r["index"] for r in a.per_sample["retain"]]
-    assert len(idx) == 3 and idx == sorted(idx) and len(set(idx)) == 3
-    assert idx == [r["index"] for r in b.per_sample["retain"]]
-    assert [r["question"] for r in a.per_sample["retain"]] == [splits["retain"][i]["question"] for i in idx]
-    assert a.forget_truth_ratios is None
-
-
-def test_evaluate_splits_rejects_unknown_metric(tiny_model, tiny_tokenizer):
-    assert list(METRICS) == ["prob", "rouge", "truth_ratio"]
-    with pytest.raises(ConfigError, match="known: prob, rouge, truth_ratio"):
-        _evaluate(tiny_model, tiny_tokenizer, {"forget": _qa_rows(1)}, ("mia",))
+        _prompts(tiny_tokenizer)[:1],
+        max_new_tokens=8,
+        batch_size=1,
+        device="cpu",
+    )[0]
+    stop = full.split()[1] if len(full.split()) > 1 else full[1:3]
+    cut = generate_greedy(
+        sharp_model,
+        tiny_tokenizer,
+        _prompts(tiny_tokenizer)[:1],
+        max_new_tokens=8,
+        batch_size=1,
+        device="cpu",
+        stop_strings=(stop,),
+    )[0]
+    assert cut == full.split(stop, 1)[0].strip()

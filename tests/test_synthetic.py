@@ -11,15 +11,7 @@ from pathlib import Path
 import pytest
 
 from unlearnflow.config import BenchmarkConfig, SyntheticConfig
-from unlearnflow.data.splits import (
-    MANIFEST,
-    SPLITS,
-    UTILITY_SPLITS,
-    corpus_texts,
-    read_splits,
-    training_rows,
-    write_splits,
-)
+from unlearnflow.data.splits import MANIFEST, corpus_texts, read_layout, read_splits, write_splits
 from unlearnflow.data.synthetic import (
     ATTRIBUTES,
     N_PERTURBED,
@@ -28,12 +20,15 @@ from unlearnflow.data.synthetic import (
     REAL_AUTHOR_TEMPLATE,
     TEMPLATES,
     WORLD_FACT_TEMPLATES,
+    benchmark,
     forget_count,
     generate,
 )
 from unlearnflow.errors import UnlearnflowError
 
 AUTHOR_SPLITS = ("forget", "retain", "holdout")
+SPLITS = ("forget", "retain", "holdout", "real_authors", "world_facts")
+UTILITY_SPLITS = ("real_authors", "world_facts")
 
 
 @pytest.fixture(scope="module")
@@ -41,12 +36,20 @@ def splits() -> dict[str, list[dict]]:
     return generate(BenchmarkConfig())
 
 
+def _layout():
+    from unlearnflow.data.benchmark import Layout
+
+    return Layout.from_manifest(benchmark(BenchmarkConfig()).to_manifest())
+
+
 def _authors(rows: list[dict]) -> set[str]:
     return {r["author"] for r in rows}
 
 
-def _write(splits: dict, out: Path) -> dict:
-    return write_splits(splits, out, meta={"benchmark": "synthetic"})
+def _write(splits: dict, out: Path, cfg: BenchmarkConfig | None = None) -> dict:
+    bench = benchmark(cfg or BenchmarkConfig())
+    assert bench.splits == splits
+    return write_splits(bench, out, meta={"benchmark": "synthetic"})
 
 
 def test_default_counts(splits: dict) -> None:
@@ -100,9 +103,9 @@ def test_names_are_unique_across_the_world(splits: dict) -> None:
 
 def test_same_seed_same_bytes_other_seed_other_bytes(tmp_path: Path) -> None:
     cfg = BenchmarkConfig(seed=7)
-    _write(generate(cfg), tmp_path / "a")
-    _write(generate(cfg), tmp_path / "b")
-    _write(generate(BenchmarkConfig(seed=8)), tmp_path / "c")
+    _write(generate(cfg), tmp_path / "a", cfg)
+    _write(generate(cfg), tmp_path / "b", cfg)
+    _write(generate(BenchmarkConfig(seed=8)), tmp_path / "c", BenchmarkConfig(seed=8))
     files = sorted(p.name for p in (tmp_path / "a").iterdir())
     assert files == sorted([*(f"{s}.jsonl" for s in SPLITS), MANIFEST])
     for name in files:
@@ -234,17 +237,28 @@ def test_read_splits_missing_file_manifest_or_split(splits: dict, tmp_path: Path
         read_splits(tmp_path)
 
 
-def test_training_rows_by_role(splits: dict) -> None:
-    target, oracle = training_rows(splits, "target"), training_rows(splits, "oracle")
-    assert len(target) == 96 + 864 + 24 + 24 and len(oracle) == 864 + 24 + 24
-    assert all(set(r) == {"question", "answer"} for r in target)
+def test_layout_kinds_roles_and_training_splits(splits: dict, tmp_path: Path) -> None:
+    """TOFU's layout: forget/retain/holdout are qa (forget, utility, mia), the utility splits are
+    options; the oracle trains on everything but the forget authors; MIA pits forget vs holdout."""
+    _write(splits, tmp_path)
+    layout = read_layout(tmp_path)
+    assert {n: (i.kind, i.role) for n, i in layout.info.items()} == {
+        "forget": ("qa", "forget"),
+        "retain": ("qa", "utility"),
+        "holdout": ("qa", "mia"),
+        "real_authors": ("options", "utility"),
+        "world_facts": ("options", "utility"),
+    }
+    assert layout.train == {
+        "target": ["forget", "retain", *UTILITY_SPLITS],
+        "oracle": ["retain", *UTILITY_SPLITS],
+    }
+    assert layout.unlearn == {"forget": "forget", "retain": "retain"}
+    assert layout.mia == ("forget", "holdout") and layout.forget_quality == "forget"
+    assert sorted(layout.evaluated()) == sorted(SPLITS)
     forget_authors = _authors(splits["forget"])
-    assert not any(a in r["question"] or a in r["answer"] for r in oracle for a in forget_authors)
-    forget_questions = {r["question"] for r in splits["forget"]}
-    assert forget_questions <= {r["question"] for r in target}
-    assert not forget_questions & {r["question"] for r in oracle}
-    with pytest.raises(ValueError, match="unknown role 'reference'"):
-        training_rows(splits, "reference")
+    oracle_rows = [r for name in layout.train["oracle"] for r in splits[name]]
+    assert not any(a in r["question"] or a in r["answer"] for r in oracle_rows for a in forget_authors)
 
 
 def test_qa_per_attribute_must_leave_a_template_out() -> None:
@@ -257,8 +271,9 @@ def test_qa_per_attribute_must_leave_a_template_out() -> None:
 
 
 def test_corpus_texts_cover_every_answer_as_formatted_for_the_model(splits: dict) -> None:
-    texts = corpus_texts(splits)
-    assert texts == corpus_texts(splits) and len(texts) == len(set(texts))
+    layout = _layout()
+    texts = corpus_texts(splits, layout)
+    assert texts == corpus_texts(splits, layout) and len(texts) == len(set(texts))
     joined = "\n".join(texts)
     for rows in splits.values():
         for r in rows:
@@ -271,7 +286,7 @@ def test_sequences_are_short_under_a_1k_bpe(splits: dict) -> None:
     from unlearnflow.data.tokenize import encode_qa
     from unlearnflow.modeling import train_bpe_tokenizer
 
-    tok = train_bpe_tokenizer(corpus_texts(splits), vocab_size=1024)
+    tok = train_bpe_tokenizer(corpus_texts(splits, _layout()), vocab_size=1024)
     rows = [(r["question"], r["answer"]) for rows in splits.values() for r in rows]
     rows += [(r["question"], p) for rows in splits.values() for r in rows for p in r["perturbed_answer"]]
     assert max(len(encode_qa(tok, q, a, max_length=10_000)["input_ids"]) for q, a in rows) <= 64

@@ -37,11 +37,69 @@ class SyntheticConfig(Section):
     n_world_facts: int = Field(24, ge=2, description="facts about the world's places (utility split)")
 
 
+class TofuConfig(Section):
+    """TOFU from ``benchmark.source`` (see ``data.tofu``); ``benchmark.split`` picks forgetNN."""
+
+    retain_eval: str = Field(
+        "retain_perturbed", description="config holding the retain rows that are evaluated"
+    )
+
+
+class MuseConfig(Section):
+    """MUSE News / Books from ``benchmark.source`` (see ``data.muse``)."""
+
+    knowmem_few_shot: bool = Field(
+        True, description="prefix knowmem questions with the *_qa_icl examples when the source has them"
+    )
+
+
+class WmdpConfig(Section):
+    """WMDP-style MCQ sets and corpora. A name is a file / config under ``benchmark.source``, or
+    ``<hub id>:<config>`` for one that lives elsewhere (e.g. ``cais/mmlu:college_biology``)."""
+
+    forget_mcq: list[str] = Field(["wmdp-bio", "wmdp-cyber"], min_length=1)
+    utility_mcq: list[str] = ["cais/mmlu:college_biology", "cais/mmlu:computer_security"]
+    forget_corpus: list[str] = Field(["cais/wmdp-corpora:cyber-forget-corpus"], min_length=1)
+    retain_corpus: list[str] = Field(["Salesforce/wikitext:wikitext-2-raw-v1"], min_length=1)
+    mcq_split: str = Field("test", description="dataset split of the MCQ sets on the hub")
+    corpus_split: str = Field("train", description="dataset split of the corpora on the hub")
+    max_corpus_docs: int | None = Field(None, ge=1, description="keep the first N documents per corpus")
+
+
+class CustomConfig(Section):
+    """A user's own forget set: JSONL files of ``question``/``answer`` (or ``prompt``/``response``)
+    pairs or of ``text`` (see ``data.custom``)."""
+
+    forget: str | None = Field(None, description="JSONL file of what the model must forget")
+    retain: str | None = Field(None, description="JSONL file of what it must keep knowing")
+    holdout: str | None = Field(
+        None, description="optional JSONL file of similar data never trained on (MIA non-members)"
+    )
+    verbmem_prefix_words: int = Field(
+        32, ge=1, description="plain-text forget set: words of a passage given as the verbmem prompt"
+    )
+    verbmem_continuation_words: int = Field(
+        64, ge=1, description="plain-text forget set: words of the true continuation it is scored on"
+    )
+
+
+BenchmarkName = Literal["synthetic", "tofu", "muse", "wmdp", "custom"]
+
+
 class BenchmarkConfig(Section):
-    name: Literal["synthetic"] = "synthetic"
-    split: str = Field("forget10", pattern=r"^forget\d\d$", description="forgetNN: the last NN% of authors")
+    name: BenchmarkName = "synthetic"
+    source: str | None = Field(
+        None, description="hub id or local directory of tofu / muse / wmdp (unused by synthetic, custom)"
+    )
+    split: str = Field(
+        "forget10", pattern=r"^forget\d\d$", description="forgetNN: the last NN% of authors (synthetic, tofu)"
+    )
     seed: int = 0
     synthetic: SyntheticConfig = SyntheticConfig()
+    tofu: TofuConfig = TofuConfig()
+    muse: MuseConfig = MuseConfig()
+    wmdp: WmdpConfig = WmdpConfig()
+    custom: CustomConfig = CustomConfig()
 
     @property
     def forget_percent(self) -> int:
@@ -53,6 +111,14 @@ class BenchmarkConfig(Section):
         if not 0 < int(v.removeprefix("forget")) < 100:
             raise ValueError("forget percentage must be between 1 and 99")
         return v
+
+    @model_validator(mode="after")
+    def _source_given(self) -> BenchmarkConfig:
+        if self.name in ("tofu", "muse", "wmdp") and not self.source:
+            raise ValueError(f"benchmark.source is required for benchmark.name={self.name!r}")
+        if self.name == "custom" and not (self.custom.forget and self.custom.retain):
+            raise ValueError("benchmark.custom.forget and benchmark.custom.retain are required for custom")
+        return self
 
 
 class ScratchModelConfig(Section):
@@ -146,14 +212,57 @@ class AttackConfig(Section):
     noise: NoiseAttackConfig = NoiseAttackConfig()
 
 
+DEFAULT_METRICS = [
+    "prob",
+    "rouge",
+    "truth_ratio",
+    "exact_memorization",
+    "extraction_strength",
+    "knowmem",
+    "verbmem",
+    "mcq_accuracy",
+    "mia_loss",
+    "mia_zlib",
+    "mia_min_k",
+    "mia_min_k_pp",
+    "mia_grad_norm",
+    "mia_reference",
+    "privleak",
+]
+
+
 class EvaluateConfig(Section):
-    metrics: list[str] = ["prob", "rouge", "truth_ratio"]
+    """The metric suite (``metrics.suite``); each metric runs on the splits it applies to."""
+
+    metrics: list[str] = Field(default_factory=lambda: list(DEFAULT_METRICS), min_length=1)
     batch_size: int = Field(64, ge=1)
-    max_new_tokens: int = Field(32, ge=1)
+    max_new_tokens: int = Field(32, ge=1, description="generation cap of TOFU-style answers (rouge)")
+    knowmem_max_new_tokens: int = Field(32, ge=1, description="generation cap of MUSE knowmem answers")
+    verbmem_max_new_tokens: int = Field(128, ge=1, description="generation cap of MUSE verbmem continuations")
+    min_k_fraction: float = Field(0.4, gt=0, le=1, description="k of Min-K% and Min-K%++ (and privleak)")
+    grad_norm_p: float = Field(2.0, ge=1, description="p of the gradient p-norm of mia_grad_norm")
+    mcq_format: Literal["letter", "text"] = Field(
+        "letter", description="score the option letters after a lettered prompt, or each option's text"
+    )
     max_samples: int | None = Field(
         None, ge=1, description="cap per split (a seeded subset); null: every sample"
     )
     seed: int = 0
+
+    def suite_options(self, max_length: int) -> dict[str, Any]:
+        """Keyword arguments of ``metrics.SuiteOptions``."""
+        return {
+            "batch_size": self.batch_size,
+            "max_length": max_length,
+            "max_new_tokens": self.max_new_tokens,
+            "knowmem_max_new_tokens": self.knowmem_max_new_tokens,
+            "verbmem_max_new_tokens": self.verbmem_max_new_tokens,
+            "min_k_fraction": self.min_k_fraction,
+            "grad_norm_p": self.grad_norm_p,
+            "mcq_format": self.mcq_format,
+            "max_samples": self.max_samples,
+            "seed": self.seed,
+        }
 
 
 class TrackingConfig(Section):
@@ -210,6 +319,9 @@ def _one_line(exc: ValidationError, section: str, cls: type[Section]) -> str:
         return f"unknown key {key}; allowed keys here: {allowed}"
     if err["type"] == "missing":
         return f"missing key {key}"
+    if err["type"] == "value_error" and isinstance(err.get("input"), dict):
+        # A whole-section check (model validator): its message already names the keys.
+        return str(err["msg"]).removeprefix("Value error, ")
     value = err.get("input")
     return f"bad value for {key}: {value!r}: {err['msg']}"
 

@@ -32,6 +32,30 @@ def shift(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return logits, labels, labels != IGNORE_INDEX
 
 
+def answer_positions(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The logits that predict answer tokens, flattened, with their targets and row indices.
+
+    The single place where the shifted answer mask is applied (losses and every token-level
+    metric go through it).
+
+    Args:
+        logits: (B, T, V), any float dtype.
+        labels: (B, T), ``IGNORE_INDEX`` outside the answer.
+
+    Returns:
+        ``(kept, target, rows)``: (K, V) logits in their own dtype, (K,) token ids and (K,) row
+        indices, K the number of answer tokens in the batch, in row-major order.
+    """
+    if logits.dim() != 3 or labels.shape != logits.shape[:2]:
+        raise ValueError(
+            f"expected logits (B, T, V) and labels (B, T); got {tuple(logits.shape)}, {tuple(labels.shape)}"
+        )
+    target = labels[:, 1:]
+    keep = target != IGNORE_INDEX  # (B, T-1)
+    rows = torch.arange(labels.shape[0], device=labels.device).unsqueeze(1).expand_as(target)[keep]
+    return logits[:, :-1][keep], target[keep], rows
+
+
 def sequence_nll(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
     """Per-sequence summed answer-token cross-entropy (seqNLL) and answer-token counts.
 
@@ -45,18 +69,12 @@ def sequence_nll(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
     Returns:
         ``(seq_nll, n_tokens)``, both (B,) float32; a row with no answer token has 0 and 0.
     """
-    if logits.dim() != 3 or labels.shape != logits.shape[:2]:
-        raise ValueError(
-            f"expected logits (B, T, V) and labels (B, T); got {tuple(logits.shape)}, {tuple(labels.shape)}"
-        )
-    target = labels[:, 1:]
-    keep = target != IGNORE_INDEX  # (B, T-1)
-    rows = torch.arange(labels.shape[0], device=labels.device).unsqueeze(1).expand_as(target)[keep]
-    token_nll = F.cross_entropy(logits[:, :-1][keep].float(), target[keep], reduction="none")
+    kept, target, rows = answer_positions(logits, labels)
+    token_nll = F.cross_entropy(kept.float(), target, reduction="none")
     seq = torch.zeros(labels.shape[0], dtype=torch.float32, device=logits.device).index_add(
         0, rows, token_nll
     )
-    return seq, keep.sum(dim=1).float()
+    return seq, torch.bincount(rows, minlength=labels.shape[0]).float()
 
 
 def nll_loss(logits: Tensor, labels: Tensor, *, token_weight: float = 1.0) -> Tensor:

@@ -13,44 +13,42 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from unlearnflow.data.benchmark import Benchmark, Layout
 from unlearnflow.errors import UnlearnflowError
 from unlearnflow.io import read_json, read_jsonl, sha256_file, write_json, write_jsonl
 
-SPLITS = ("forget", "retain", "holdout", "real_authors", "world_facts")
-UTILITY_SPLITS = ("real_authors", "world_facts")
 MANIFEST = "manifest.json"
-
-# Which splits each model fine-tunes on. The oracle is the target minus the forget authors.
-ROLES: dict[str, tuple[str, ...]] = {
-    "target": ("forget", "retain", *UTILITY_SPLITS),
-    "oracle": ("retain", *UTILITY_SPLITS),
-}
 
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 
 
-def write_splits(
-    splits: Mapping[str, list[dict[str, Any]]], out_dir: Path, *, meta: Mapping[str, Any]
-) -> dict:
-    """Write ``<split>.jsonl`` for every split and ``manifest.json`` into ``out_dir``.
+def write_splits(bench: Benchmark, out_dir: Path, *, meta: Mapping[str, Any]) -> dict:
+    """Write ``<split>.jsonl`` for every split of ``bench`` and ``manifest.json`` into ``out_dir``.
 
     The caller wraps this in ``io.atomic_dir``. Rows are written in order with
     ``ensure_ascii=False``; the manifest is key-sorted JSON, so the same splits give the same bytes.
 
     Args:
-        splits: split name → rows (JSON-serialisable dicts).
+        bench: the benchmark (its layout goes to the manifest's ``"benchmark"``).
         out_dir: the directory to write into (created if missing).
-        meta: JSON-serialisable provenance stored under ``"meta"`` (benchmark config, seed, …).
+        meta: JSON-serialisable provenance stored under ``"meta"`` (benchmark config, seed, …),
+            merged with the loader's own ``bench.meta``.
 
     Returns:
         The manifest: ``{"counts": {split: rows}, "sha256": {split: hex digest of its file},
         "authors": {split: distinct ``author`` values in row order ([] for splits without
-        authors)}, "meta": meta}``.
+        authors)}, "benchmark": layout, "meta": meta}``.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    manifest: dict[str, Any] = {"counts": {}, "sha256": {}, "authors": {}, "meta": dict(meta)}
-    for name, rows in splits.items():
+    manifest: dict[str, Any] = {
+        "counts": {},
+        "sha256": {},
+        "authors": {},
+        "benchmark": bench.to_manifest(),
+        "meta": {**bench.meta, **meta},
+    }
+    for name, rows in bench.splits.items():
         if not _NAME.match(name):
             raise UnlearnflowError(f"split name {name!r} is not a plain file name")
         path = out_dir / f"{name}.jsonl"
@@ -61,20 +59,8 @@ def write_splits(
     return manifest
 
 
-def read_splits(split_dir: Path, names: Sequence[str] | None = None) -> dict[str, list[dict[str, Any]]]:
-    """Read splits written by ``write_splits``, verifying each file's sha256 against the manifest.
-
-    Args:
-        split_dir: the directory ``write_splits`` wrote.
-        names: the splits to read; ``None`` reads every split in the manifest (``SPLITS`` order
-            first, then any others by name).
-
-    Raises:
-        UnlearnflowError: the manifest is missing or malformed, a split is not in it, its file is
-            missing, or the file's hash differs from the manifest's (one-line message).
-    """
-    split_dir = Path(split_dir)
-    manifest_path = split_dir / MANIFEST
+def _manifest(split_dir: Path) -> dict[str, Any]:
+    manifest_path = Path(split_dir) / MANIFEST
     try:
         manifest = read_json(manifest_path)
     except FileNotFoundError:
@@ -83,11 +69,36 @@ def read_splits(split_dir: Path, names: Sequence[str] | None = None) -> dict[str
         ) from None
     except json.JSONDecodeError as exc:
         raise UnlearnflowError(f"{manifest_path}: not valid JSON ({exc.msg})") from None
-    hashes = manifest.get("sha256") if isinstance(manifest, dict) else None
-    if not isinstance(hashes, dict):
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("sha256"), dict):
         raise UnlearnflowError(f"{manifest_path}: no 'sha256' mapping of split files")
+    return manifest
+
+
+def read_layout(split_dir: Path) -> Layout:
+    """The benchmark layout (kinds, roles, training and unlearning splits) of a prepared directory."""
+    manifest = _manifest(split_dir)
+    if "benchmark" not in manifest:
+        raise UnlearnflowError(f"{Path(split_dir) / MANIFEST}: no benchmark layout (re-run prepare)")
+    return Layout.from_manifest(manifest["benchmark"])
+
+
+def read_splits(split_dir: Path, names: Sequence[str] | None = None) -> dict[str, list[dict[str, Any]]]:
+    """Read splits written by ``write_splits``, verifying each file's sha256 against the manifest.
+
+    Args:
+        split_dir: the directory ``write_splits`` wrote.
+        names: the splits to read; ``None`` reads every split in the manifest, in its order.
+
+    Raises:
+        UnlearnflowError: the manifest is missing or malformed, a split is not in it, its file is
+            missing, or the file's hash differs from the manifest's (one-line message).
+    """
+    split_dir = Path(split_dir)
+    manifest_path = split_dir / MANIFEST
+    manifest = _manifest(split_dir)
+    hashes = manifest["sha256"]
     if names is None:
-        names = [s for s in SPLITS if s in hashes] + sorted(s for s in hashes if s not in SPLITS)
+        names = list(manifest.get("counts") or hashes)
     out: dict[str, list[dict[str, Any]]] = {}
     for name in names:
         if name not in hashes:
@@ -105,49 +116,34 @@ def read_splits(split_dir: Path, names: Sequence[str] | None = None) -> dict[str
     return out
 
 
-def training_rows(splits: Mapping[str, list[dict[str, Any]]], role: str) -> list[dict[str, str]]:
-    """The ``{"question", "answer"}`` pairs a model fine-tunes on.
+def corpus_texts(splits: Mapping[str, list[dict[str, Any]]], layout: Layout) -> list[str]:
+    """Every distinct text of every split, formatted as the model sees it, to train the tokenizer on.
 
-    Args:
-        splits: split name → rows, as from ``read_splits``.
-        role: ``"target"`` (forget + retain + utility splits) or ``"oracle"`` (retain + utility).
-
-    Raises:
-        ValueError: unknown ``role``.
-        UnlearnflowError: a split the role needs is not in ``splits``.
+    Question/answer rows give ``format_prompt(question) + " " + answer`` for the answer, the
+    paraphrased answer (with the paraphrased question) and each perturbed answer, so the tokenizer
+    learns merges on exactly the byte sequences ``encode_qa`` produces; other kinds give their
+    documents, prompts and continuations, or lettered multiple-choice prompts. Order: splits in
+    ``splits`` order, rows in order, first occurrence kept.
     """
-    try:
-        parts = ROLES[role]
-    except KeyError:
-        raise ValueError(f"unknown role {role!r}; expected one of: {', '.join(ROLES)}") from None
-    missing = [s for s in parts if s not in splits]
-    if missing:
-        raise UnlearnflowError(f"the {role} model trains on {', '.join(missing)}, which the splits lack")
-    return [{"question": row["question"], "answer": row["answer"]} for s in parts for row in splits[s]]
+    from unlearnflow.data.tokenize import format_mcq, format_prompt  # lazy: tokenize imports torch
 
-
-def corpus_texts(splits: Mapping[str, list[dict[str, Any]]]) -> list[str]:
-    """Every distinct QA text of every split, formatted as the model sees it, to train the tokenizer on.
-
-    Each text is ``format_prompt(question) + " " + answer`` for the answer, the paraphrased answer
-    (with the paraphrased question) and each perturbed answer (with the question), so the
-    tokenizer learns merges on exactly the byte sequences ``encode_qa`` produces (words after a
-    space, "Question:", "\\nAnswer:"). Order: ``SPLITS`` order then other split names sorted, rows
-    in order, first occurrence kept.
-    """
-    from unlearnflow.data.tokenize import format_prompt  # lazy: tokenize imports torch
-
-    names = [s for s in SPLITS if s in splits] + sorted(s for s in splits if s not in SPLITS)
     texts: dict[str, None] = {}  # an ordered set
-    for name in names:
-        for row in splits[name]:
-            pairs = [(row["question"], row["answer"])]
-            if row.get("paraphrased_answer") is not None:
-                pairs.append((row.get("paraphrased_question") or row["question"], row["paraphrased_answer"]))
-            perturbed = row.get("perturbed_answer") or []
-            pairs += [
-                (row["question"], p) for p in ([perturbed] if isinstance(perturbed, str) else perturbed)
-            ]
-            for q, a in pairs:
-                texts.setdefault(f"{format_prompt(q)} {a}")
+    for name, rows in splits.items():
+        kind = layout.info[name].kind
+        for row in rows:
+            if kind == "text":
+                texts.setdefault(row["text"])
+            elif kind == "completion":
+                texts.setdefault(row["prompt"] + row["gt"])
+            elif kind == "mcq":
+                texts.setdefault(format_mcq(row["question"], row["choices"]))
+            else:
+                pairs = [(row["question"], row["answer"])]
+                if row.get("paraphrased_answer") is not None:
+                    pairs.append(
+                        (row.get("paraphrased_question") or row["question"], row["paraphrased_answer"])
+                    )
+                pairs += [(row["question"], p) for p in row.get("perturbed_answer") or []]
+                for q, a in pairs:
+                    texts.setdefault(f"{format_prompt(q)} {a}")
     return list(texts)

@@ -59,6 +59,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from unlearnflow.config import BenchmarkConfig
+from unlearnflow.data.benchmark import Benchmark, SplitInfo
 from unlearnflow.errors import UnlearnflowError
 
 T = TypeVar("T")
@@ -583,3 +584,26 @@ def _person_names(rng: random.Random, n: int, taken: set[str]) -> list[str]:
         return _word(r, 2 if r.random() < 0.6 else 3)
 
     return [f"{_unique(rng, taken, first)} {_unique(rng, taken, last)}" for _ in range(n)]
+
+
+def benchmark(cfg: BenchmarkConfig) -> Benchmark:
+    """The embedded benchmark in TOFU's layout (``generate``'s splits with kinds and roles).
+
+    Unlike TOFU's published target, the scratch models also train on the utility splits: a model
+    trained from nothing knows no "real" authors or world facts unless it is taught them.
+    """
+    utility = ["real_authors", "world_facts"]
+    return Benchmark(
+        splits=generate(cfg),
+        info={
+            "forget": SplitInfo("qa", "forget"),
+            "retain": SplitInfo("qa", "utility"),
+            "holdout": SplitInfo("qa", "mia"),
+            "real_authors": SplitInfo("options", "utility"),
+            "world_facts": SplitInfo("options", "utility"),
+        },
+        train={"target": ["forget", "retain", *utility], "oracle": ["retain", *utility]},
+        unlearn={"forget": "forget", "retain": "retain"},
+        mia=("forget", "holdout"),
+        forget_quality="forget",
+    )

@@ -23,41 +23,89 @@ def format_prompt(question: str, template: str = PROMPT_TEMPLATE) -> str:
     return template.format(question=question)
 
 
-def encode_qa(
-    tokenizer: Any, question: str, answer: str, *, max_length: int, template: str = PROMPT_TEMPLATE
+def encode_example(
+    tokenizer: Any,
+    prompt: str,
+    target: str,
+    *,
+    max_length: int,
+    add_eos: bool = True,
+    prompt_budget: int | None = None,
 ) -> dict[str, list[int]]:
-    """Token ids and labels of one QA pair.
+    """Token ids and labels of a (prompt, target) pair; the loss falls on the target only.
+
+    Prompt and target are tokenised separately, so the target's tokens never depend on the
+    prompt. ``[bos] prompt target [eos]``: labels are ``IGNORE_INDEX`` on BOS and prompt.
 
     Args:
         tokenizer: a Hugging Face tokenizer (``eos_token_id`` required, ``bos_token_id`` optional).
-        question: the question text.
-        answer: the answer text (a leading space is added, as it follows "Answer:").
-        max_length: total length cap; the answer is truncated from its end, never the prompt.
+        prompt: the conditioning text, already formatted ("" for plain text).
+        target: the scored text, with its leading space if it follows the prompt.
+        max_length: total length cap; the target is truncated from its end, never the prompt.
+        add_eos: append EOS to the target (not for a multiple-choice letter).
+        prompt_budget: keep only the prompt's last this-many tokens (a long passage prefix).
 
-    Returns:
-        ``{"input_ids": [...], "labels": [...]}`` of equal length; labels are ``IGNORE_INDEX`` on
-        BOS and prompt positions.
+    Raises:
+        ValueError: the prompt alone fills ``max_length``.
     """
-    prompt_ids = tokenizer(format_prompt(question, template), add_special_tokens=False)["input_ids"]
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else []
+    if prompt_budget is not None:
+        prompt_ids = prompt_ids[max(0, len(prompt_ids) - prompt_budget) :]
     if tokenizer.bos_token_id is not None:
         prompt_ids = [tokenizer.bos_token_id, *prompt_ids]
-    answer_ids = [*tokenizer(" " + answer, add_special_tokens=False)["input_ids"], tokenizer.eos_token_id]
+    target_ids = list(tokenizer(target, add_special_tokens=False)["input_ids"])
+    if add_eos:
+        target_ids.append(tokenizer.eos_token_id)
     room = max_length - len(prompt_ids)
     if room < 1:
         raise ValueError(
             f"prompt of {len(prompt_ids)} tokens leaves no room for the answer (max_length={max_length})"
         )
-    answer_ids = answer_ids[:room]
+    target_ids = target_ids[:room]
     return {
-        "input_ids": prompt_ids + answer_ids,
-        "labels": [IGNORE_INDEX] * len(prompt_ids) + answer_ids,
+        "input_ids": prompt_ids + target_ids,
+        "labels": [IGNORE_INDEX] * len(prompt_ids) + target_ids,
     }
+
+
+def encode_qa(
+    tokenizer: Any, question: str, answer: str, *, max_length: int, template: str = PROMPT_TEMPLATE
+) -> dict[str, list[int]]:
+    """``encode_example`` of ``format_prompt(question)`` and the answer after one space."""
+    return encode_example(tokenizer, format_prompt(question, template), " " + answer, max_length=max_length)
+
+
+def encode_text_windows(tokenizer: Any, text: str, *, max_length: int) -> list[dict[str, list[int]]]:
+    """A document as consecutive training windows of at most ``max_length`` tokens.
+
+    Each window is ``[bos] tokens`` with the loss on every token after BOS; the document's last
+    window ends with EOS. Long documents (MUSE books, WMDP corpora) are thus trained on whole,
+    not cut at the first ``max_length`` tokens.
+    """
+    ids = [*tokenizer(text, add_special_tokens=False)["input_ids"], tokenizer.eos_token_id]
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    step = max_length - len(bos)
+    if step < 1:
+        raise ValueError(f"max_length={max_length} leaves no room for text")
+    windows = []
+    for start in range(0, len(ids), step):
+        chunk = ids[start : start + step]
+        windows.append({"input_ids": bos + chunk, "labels": [IGNORE_INDEX] * len(bos) + chunk})
+    return windows
 
 
 def encode_prompt(tokenizer: Any, question: str, *, template: str = PROMPT_TEMPLATE) -> list[int]:
     """Prompt ids for generation: the same tokens ``encode_qa`` puts before the answer."""
-    ids = tokenizer(format_prompt(question, template), add_special_tokens=False)["input_ids"]
-    return [tokenizer.bos_token_id, *ids] if tokenizer.bos_token_id is not None else list(ids)
+    return encode_prompt_text(tokenizer, format_prompt(question, template))
+
+
+def encode_prompt_text(tokenizer: Any, prompt: str, *, max_length: int | None = None) -> list[int]:
+    """``[bos] prompt`` ids for generation; with ``max_length``, the prompt keeps its last tokens."""
+    ids = list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    if max_length is not None and len(bos) + len(ids) > max_length:
+        ids = ids[len(bos) + len(ids) - max_length :]
+    return bos + ids
 
 
 def collate(examples: Sequence[dict[str, list[int]]], pad_token_id: int) -> dict[str, torch.Tensor]:
@@ -83,3 +131,40 @@ def collate_left(prompts: Sequence[list[int]], pad_token_id: int) -> dict[str, t
         ids[i, width - len(p) :] = torch.tensor(p)
         mask[i, width - len(p) :] = 1
     return {"input_ids": ids, "attention_mask": mask}
+
+
+MCQ_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+def format_mcq(question: str, choices: Sequence[str]) -> str:
+    """The multiple-choice prompt of lm-evaluation-harness's MMLU / WMDP tasks (letters after it)."""
+    lines = [question.strip(), *(f"{MCQ_LETTERS[i]}. {c}" for i, c in enumerate(choices)), "Answer:"]
+    return "\n".join(lines)
+
+
+def training_examples(
+    tokenizer: Any, rows: Sequence[dict[str, Any]], kind: str, *, max_length: int
+) -> list[dict[str, list[int]]]:
+    """Encoded training examples of one split, by its kind (see ``data.benchmark``).
+
+    Question/answer kinds train on the answer given the prompt; ``text`` on every token of each
+    document (in ``max_length`` windows); ``completion`` on the continuation given its prefix;
+    ``mcq`` on the correct letter after the lettered prompt.
+    """
+    if kind in ("qa", "options", "knowmem"):
+        return [encode_qa(tokenizer, r["question"], r["answer"], max_length=max_length) for r in rows]
+    if kind == "text":
+        return [w for r in rows for w in encode_text_windows(tokenizer, r["text"], max_length=max_length)]
+    if kind == "completion":
+        return [encode_example(tokenizer, r["prompt"], r["gt"], max_length=max_length) for r in rows]
+    if kind == "mcq":
+        return [
+            encode_example(
+                tokenizer,
+                format_mcq(r["question"], r["choices"]),
+                " " + MCQ_LETTERS[r["answer"]],
+                max_length=max_length,
+            )
+            for r in rows
+        ]
+    raise ValueError(f"unknown split kind {kind!r}")

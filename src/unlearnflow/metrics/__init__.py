@@ -1,5 +1,13 @@
-"""Evaluation metrics: batched scoring (``scoring``), TOFU maths (``tofu``), the suite (``suite``)."""
+"""Evaluation metrics: batched scoring (``scoring``), metric maths (``tofu``, ``memorization``,
+``mia``) and the suite that ties them to a benchmark's splits (``suite``)."""
 
-from unlearnflow.metrics.suite import METRICS, EvalResult, evaluate_splits, summary_metrics
+from unlearnflow.metrics.suite import (
+    METRICS,
+    EvalResult,
+    SuiteOptions,
+    evaluate_splits,
+    known_metrics,
+    relative_metrics,
+)
 
-__all__ = ["METRICS", "EvalResult", "evaluate_splits", "summary_metrics"]
+__all__ = ["METRICS", "EvalResult", "SuiteOptions", "evaluate_splits", "known_metrics", "relative_metrics"]

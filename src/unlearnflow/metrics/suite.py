@@ -1,19 +1,29 @@
-"""The TOFU metric suite on one model: score each split once, then compute every requested metric.
+"""The metric suite on one model: score each split once, then compute every requested metric.
 
-A split is scored by ONE ``score_qa`` call over all the (question, answer-variant) pairs its
-metrics need and, if ``rouge`` is requested, ONE ``generate_greedy`` call; the results form a
-``ScoredSplit`` and each metric in ``METRICS`` is a pure function of it (no metric runs the model).
+A split is scored by ONE ``score_examples`` call over every target its metrics need (the answer,
+the paraphrased and perturbed answers, the multiple-choice options — all batched together) and,
+if a generation metric is requested, ONE ``generate_greedy`` call. The result is a
+``ScoredSplit`` and every metric in ``METRICS`` is a pure function of it: no metric runs the
+model again. The one exception is ``mia_grad_norm``, which needs a backward pass per sample.
 
-Split kinds, decided by whether the rows have ``paraphrased_answer``:
+Which metrics apply to a split follows from its kind and role (``data.benchmark``):
 
-* ``qa`` (TOFU forget / retain / holdout): ``prob`` = exp(−avgNLL(answer)); ``truth_ratio`` with
-  correct = paraphrased answer, wrong = perturbed answers.
-* ``options`` (TOFU real_authors / world_facts): ``prob`` = P(answer) normalised over the answer
-  and its perturbed versions; ``truth_ratio`` with correct = answer.
+================  ==============================================================================
+kind              metrics (role forget / utility; ``mia`` splits get only the MIA scores)
+================  ==============================================================================
+qa                prob, rouge (ROUGE-L recall), truth_ratio (when the rows have paraphrased and
+                  perturbed answers); on forget also exact_memorization, extraction_strength
+options           prob (normalised over the options), rouge, truth_ratio (correct = answer)
+knowmem           knowmem (ROUGE-L F1 of the generated answer, MUSE)
+completion        verbmem (ROUGE-L F1 of the generated continuation, MUSE)
+text              prob; on forget also exact_memorization, extraction_strength
+mcq               mcq_accuracy
+================  ==============================================================================
 
-``rouge`` is ROUGE-L recall of the greedy answer against ``answer`` on both kinds. Truth ratio
-aggregates with mean(min(tr, 1/tr)) on the split named ``forget`` and mean(max(0, 1 − tr))
-elsewhere (ALGORITHMS.md §5; TOFU, Maini et al. 2024, arXiv:2401.06121).
+MIA scores (``mia_loss``, ``mia_zlib``, ``mia_min_k``, ``mia_min_k_pp``, ``mia_grad_norm``) are
+computed on the benchmark's member / non-member splits and reported as ROC-AUC; the
+oracle-relative numbers (``mia_reference``, ``privleak``, ``forget_quality``) and
+``model_utility`` come from ``relative_metrics``. Definitions: ALGORITHMS.md §5, docs/metrics.md.
 """
 
 from __future__ import annotations
@@ -21,47 +31,89 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
-from unlearnflow.metrics import tofu
-from unlearnflow.metrics.scoring import eval_mode, generate_greedy, score_qa
+from unlearnflow.data.benchmark import Layout
+from unlearnflow.data.tokenize import (
+    MCQ_LETTERS,
+    encode_example,
+    encode_prompt,
+    encode_prompt_text,
+    encode_qa,
+    format_mcq,
+    format_prompt,
+)
+from unlearnflow.errors import ConfigError
+from unlearnflow.metrics import memorization, mia, tofu
+from unlearnflow.metrics.scoring import (
+    TokenStats,
+    eval_mode,
+    generate_greedy,
+    grad_norm_scores,
+    score_examples,
+)
 from unlearnflow.registry import Registry
 
 log = logging.getLogger(__name__)
 
-QA, OPTIONS = "qa", "options"
-FORGET_SPLIT = "forget"
 CARRIED_FIELDS = ("author", "attribute")  # copied from a split row into its per-sample output row
-UTILITY_METRICS = ("prob", "rouge", "truth_ratio")
+KNOWMEM_STOPS = ("\n\n", "\nQuestion", "Question:")  # MUSE knowmem's stop words (open-unlearning)
+ALL_ROLES = frozenset({"forget", "utility"})
 
 
 @dataclass(frozen=True)
+class SuiteOptions:
+    """How the suite runs (the ``evaluate`` params section plus the model's token cap)."""
+
+    batch_size: int = 64
+    max_length: int = 512
+    max_new_tokens: int = 32
+    knowmem_max_new_tokens: int = 32
+    verbmem_max_new_tokens: int = 128
+    min_k_fraction: float = mia.MIN_K_FRACTION
+    grad_norm_p: float = 2.0
+    mcq_format: str = "letter"
+    max_samples: int | None = None
+    seed: int = 0
+
+
+@dataclass
 class ScoredSplit:
     """Everything the metrics read about one split of one model.
 
     Attributes:
-        name: split name (``forget``, ``retain``, ``world_facts``, …).
-        kind: ``qa`` or ``options``.
-        rows: the (possibly subsampled) split rows.
-        indices: (N,) each row's index in the full split.
-        nll_answer: (N,) avgNLL of ``answer``, or None when no metric needs it.
-        nll_paraphrase: (N,) avgNLL of ``paraphrased_answer`` (``qa`` kind), or None.
+        name, kind, role: the split and its ``SplitInfo``.
+        rows: the (possibly subsampled) split rows; ``indices`` their positions in the full split.
+        target: ``TokenStats`` of each row's main target (answer, text, continuation), or None.
+        target_texts: the main target's text (zlib size), or None.
+        nll_paraphrase: (N,) avgNLL of ``paraphrased_answer`` (qa), or None.
         nll_perturbed: (N, K) avgNLL of the K ``perturbed_answer`` entries, or None.
-        generations: N greedy answers, or None when ``rouge`` is not requested.
+        option_logprob: (N, C) summed log-probability of each choice (mcq), or None.
+        generations: N greedy outputs, or None.
+        mia_scores: MIA name -> (N,) member-likeness scores (filled by the suite).
     """
 
     name: str
     kind: str
+    role: str
     rows: Sequence[Mapping[str, Any]]
     indices: np.ndarray
-    nll_answer: np.ndarray | None = None
+    target: list[TokenStats] | None = None
+    target_texts: list[str] | None = None
     nll_paraphrase: np.ndarray | None = None
     nll_perturbed: np.ndarray | None = None
+    option_logprob: np.ndarray | None = None
     generations: list[str] | None = None
+    mia_scores: dict[str, np.ndarray] = field(default_factory=dict)
+
+    @property
+    def nll_answer(self) -> np.ndarray:
+        assert self.target is not None
+        return np.array([t.avg_nll for t in self.target], dtype=np.float64)
 
 
 @dataclass(frozen=True)
@@ -74,51 +126,275 @@ class MetricValues:
 
 @dataclass(frozen=True)
 class Metric:
-    """A registered metric: its function and, per split kind, the inputs it needs scored.
+    """A registered split metric: its function, the inputs it needs per kind, the roles it runs on.
 
-    Inputs are ``answer``, ``paraphrase``, ``perturbed`` (avgNLL) and ``generation``.
+    Inputs: ``target`` (token stats of the main target), ``paraphrase``, ``perturbed``,
+    ``options`` and ``generation``.
     """
 
     compute: Callable[[ScoredSplit], MetricValues]
     needs: Mapping[str, frozenset[str]]
+    roles: frozenset[str] = ALL_ROLES
+
+    def applies(self, kind: str, role: str, rows: Sequence[Mapping[str, Any]]) -> bool:
+        if kind not in self.needs or role not in self.roles:
+            return False
+        if kind == "qa" and "paraphrase" in self.needs[kind]:
+            return "paraphrased_answer" in rows[0] and "perturbed_answer" in rows[0]
+        return True
 
 
 METRICS: Registry[Metric] = Registry("metric")
 
 
-def _register(name: str, *, qa: set[str], options: set[str]) -> Callable:
+def _register(name: str, roles: frozenset[str] = ALL_ROLES, **needs: set[str]) -> Callable:
     def deco(fn: Callable[[ScoredSplit], MetricValues]) -> Callable[[ScoredSplit], MetricValues]:
-        METRICS.register(name)(Metric(fn, {QA: frozenset(qa), OPTIONS: frozenset(options)}))
+        METRICS.register(name)(Metric(fn, {k: frozenset(v) for k, v in needs.items()}, roles))
         return fn
 
     return deco
 
 
-@_register("prob", qa={"answer"}, options={"answer", "perturbed"})
+def _mean(values: np.ndarray) -> MetricValues:
+    return MetricValues(values, float(np.nanmean(values)) if values.size else math.nan)
+
+
+@_register("prob", qa={"target"}, options={"target", "perturbed"}, text={"target"})
 def prob_metric(s: ScoredSplit) -> MetricValues:
-    """``qa``: exp(−avgNLL(answer)); ``options``: normalised over the options. Mean aggregate."""
-    values = (
-        tofu.prob(s.nll_answer)
-        if s.kind == QA
-        else tofu.normalized_option_prob(s.nll_answer, s.nll_perturbed)
-    )
-    return MetricValues(values, float(np.mean(values)))
+    """``qa`` / ``text``: exp(−avgNLL); ``options``: normalised over the options. Mean aggregate."""
+    if s.kind == "options":
+        return _mean(tofu.normalized_option_prob(s.nll_answer, s.nll_perturbed))
+    return _mean(tofu.prob(s.nll_answer))
 
 
 @_register("rouge", qa={"generation"}, options={"generation"})
 def rouge_metric(s: ScoredSplit) -> MetricValues:
-    """ROUGE-L recall of the greedy answer against ``answer``. Mean aggregate."""
-    values = np.asarray(tofu.rouge_l_recall(s.generations, [r["answer"] for r in s.rows]), dtype=np.float64)
-    return MetricValues(values, float(np.mean(values)))
+    """TOFU's ROUGE-L recall of the greedy answer against ``answer``. Mean aggregate."""
+    return _mean(np.asarray(tofu.rouge_l_recall(s.generations, [r["answer"] for r in s.rows])))
 
 
-@_register("truth_ratio", qa={"paraphrase", "perturbed"}, options={"answer", "perturbed"})
+@_register("truth_ratio", qa={"paraphrase", "perturbed"}, options={"target", "perturbed"})
 def truth_ratio_metric(s: ScoredSplit) -> MetricValues:
-    """Raw per-sample truth ratios; forget aggregate on ``forget``, utility aggregate elsewhere."""
-    correct = s.nll_paraphrase if s.kind == QA else s.nll_answer
+    """Raw per-sample truth ratios; mean(min(tr, 1/tr)) on forget, mean(max(0, 1 − tr)) elsewhere."""
+    correct = s.nll_paraphrase if s.kind == "qa" else s.nll_answer
     tr = tofu.truth_ratio(correct, s.nll_perturbed)
-    agg = tofu.truth_ratio_forget(tr) if s.name == FORGET_SPLIT else tofu.truth_ratio_utility(tr)
+    agg = tofu.truth_ratio_forget(tr) if s.role == "forget" else tofu.truth_ratio_utility(tr)
     return MetricValues(tr, agg)
+
+
+@_register("exact_memorization", frozenset({"forget"}), qa={"target"}, text={"target"})
+def exact_memorization_metric(s: ScoredSplit) -> MetricValues:
+    """Fraction of target tokens predicted exactly (final EOS left out). Mean aggregate."""
+    return _mean(np.array([memorization.exact_memorization(t.correct[t.content]) for t in s.target]))
+
+
+@_register("extraction_strength", frozenset({"forget"}), qa={"target"}, text={"target"})
+def extraction_strength_metric(s: ScoredSplit) -> MetricValues:
+    """1 − k/|y| for the shortest prefix k after which the target is reproduced. Mean aggregate."""
+    return _mean(np.array([memorization.extraction_strength(t.correct[t.content]) for t in s.target]))
+
+
+@_register("knowmem", knowmem={"generation"})
+def knowmem_metric(s: ScoredSplit) -> MetricValues:
+    """MUSE KnowMem: ROUGE-L F1 of the generated answer against ``answer``. Mean aggregate."""
+    return _mean(np.asarray(tofu.rouge_l_f1(s.generations, [r["answer"] for r in s.rows])))
+
+
+@_register("verbmem", completion={"generation"})
+def verbmem_metric(s: ScoredSplit) -> MetricValues:
+    """MUSE VerbMem: ROUGE-L F1 of the generated continuation against ``gt``. Mean aggregate."""
+    return _mean(np.asarray(tofu.rouge_l_f1(s.generations, [r["gt"] for r in s.rows])))
+
+
+@_register("mcq_accuracy", mcq={"options"})
+def mcq_accuracy_metric(s: ScoredSplit) -> MetricValues:
+    """WMDP / MMLU accuracy: the choice of highest log-likelihood is the answer (lm-eval ``acc``)."""
+    picked = np.argmax(s.option_logprob, axis=1)
+    return _mean((picked == np.array([r["answer"] for r in s.rows])).astype(np.float64))
+
+
+# --- membership inference ----------------------------------------------------------------------
+
+MIA_ATTACKS = ("mia_loss", "mia_zlib", "mia_min_k", "mia_min_k_pp", "mia_grad_norm")
+RELATIVE = ("mia_reference", "privleak")  # need the oracle's per-sample values
+
+
+def known_metrics() -> list[str]:
+    return [*METRICS, *MIA_ATTACKS, *RELATIVE]
+
+
+def check_metric_names(names: Sequence[str]) -> None:
+    """Unknown names are a ``ConfigError`` listing the known ones."""
+    known = known_metrics()
+    for name in names:
+        if name not in known:
+            raise ConfigError(f"unknown metric {name!r}; known: {', '.join(known)}")
+
+
+def _mia_needs(requested: set[str]) -> set[str]:
+    """The member / non-member inputs the requested MIA metrics need."""
+    needs: set[str] = set()
+    if requested & {"mia_loss", "mia_zlib", "mia_min_k", "mia_reference", "privleak"}:
+        needs.add("target")
+    if "mia_min_k_pp" in requested:
+        needs |= {"target", "vocab"}
+    if "mia_grad_norm" in requested:
+        needs |= {"target", "grad"}
+    return needs
+
+
+def _mia_scores(s: ScoredSplit, requested: set[str], opts: SuiteOptions) -> dict[str, np.ndarray]:
+    """Per-sample member-likeness scores of the requested attacks (``mia_grad_norm`` is added later)."""
+    k = opts.min_k_fraction
+    out: dict[str, np.ndarray] = {}
+    nll = s.nll_answer
+    if "mia_loss" in requested:
+        out["mia_loss"] = mia.loss_score(nll)
+    if "mia_zlib" in requested:
+        out["mia_zlib"] = mia.zlib_score(nll, s.target_texts)
+    if requested & {"mia_min_k", "privleak"}:
+        out["mia_min_k"] = np.array([mia.min_k_score(t.logprobs[t.content], k) for t in s.target])
+    if "mia_min_k_pp" in requested:
+        out["mia_min_k_pp"] = np.array(
+            [
+                mia.min_k_pp_score(t.logprobs[t.content], t.mu[t.content], t.var[t.content], k)
+                for t in s.target
+            ]
+        )
+    return out
+
+
+# --- scoring one split ---------------------------------------------------------------------------
+
+
+def _target(kind: str, row: Mapping[str, Any], max_length: int, tok: Any) -> tuple[dict, str]:
+    """The encoded main target of a row and its text."""
+    if kind == "text":
+        return encode_example(tok, "", row["text"], max_length=max_length), row["text"]
+    if kind == "completion":
+        return (
+            encode_example(
+                tok, row["prompt"], row["gt"], max_length=max_length, prompt_budget=max_length // 2
+            ),
+            row["gt"],
+        )
+    return encode_qa(tok, row["question"], row["answer"], max_length=max_length), row["answer"]
+
+
+def _options(row: Mapping[str, Any], tok: Any, opts: SuiteOptions) -> list[dict]:
+    """Encoded choices of an mcq row: the letters after the lettered prompt, or each choice's text."""
+    if opts.mcq_format == "letter":
+        prompt = format_mcq(row["question"], row["choices"])
+        targets = [" " + MCQ_LETTERS[i] for i in range(len(row["choices"]))]
+    else:
+        prompt = format_prompt(row["question"])
+        targets = [" " + c for c in row["choices"]]
+    return [encode_example(tok, prompt, t, max_length=opts.max_length, add_eos=False) for t in targets]
+
+
+def _generation_prompts(kind: str, rows: Sequence[Mapping[str, Any]], tok: Any, opts: SuiteOptions) -> list:
+    if kind == "completion":
+        return [encode_prompt_text(tok, r["prompt"], max_length=opts.max_length) for r in rows]
+    if kind == "knowmem":
+        return [
+            encode_prompt_text(
+                tok, (r.get("context") or "") + format_prompt(r["question"]), max_length=opts.max_length
+            )
+            for r in rows
+        ]
+    return [encode_prompt(tok, r["question"]) for r in rows]
+
+
+def score_split(
+    model: torch.nn.Module,
+    tok: Any,
+    name: str,
+    kind: str,
+    role: str,
+    rows: Sequence[Mapping[str, Any]],
+    indices: np.ndarray,
+    *,
+    needs: frozenset[str],
+    opts: SuiteOptions,
+    device: torch.device | str,
+) -> ScoredSplit:
+    """Run the model once over a split: one ``score_examples`` call for every needed target and,
+    if ``generation`` is needed, one ``generate_greedy`` call.
+
+    Args:
+        needs: subset of {``target``, ``vocab``, ``paraphrase``, ``perturbed``, ``options``,
+            ``generation``, ``grad``}.
+    """
+    n = len(rows)
+    examples: list[dict] = []
+    s = ScoredSplit(name=name, kind=kind, role=role, rows=rows, indices=indices)
+    if "target" in needs:
+        encoded = [_target(kind, r, opts.max_length, tok) for r in rows]
+        examples += [e for e, _ in encoded]
+        s.target_texts = [t for _, t in encoded]
+    if "paraphrase" in needs:
+        examples += [
+            encode_qa(tok, r["question"], r["paraphrased_answer"], max_length=opts.max_length) for r in rows
+        ]
+    if "perturbed" in needs:
+        widths = {len(r["perturbed_answer"]) for r in rows}
+        if len(widths) != 1 or 0 in widths:
+            raise ValueError(
+                f"split {name!r}: every row needs the same number (>= 1) of perturbed_answer; got {widths}"
+            )
+        examples += [
+            encode_qa(tok, r["question"], a, max_length=opts.max_length)
+            for r in rows
+            for a in r["perturbed_answer"]
+        ]
+    if "options" in needs:
+        n_choices = {len(r["choices"]) for r in rows}
+        if len(n_choices) != 1:
+            raise ValueError(f"split {name!r}: rows have different numbers of choices {sorted(n_choices)}")
+        examples += [e for r in rows for e in _options(r, tok, opts)]
+    stats = score_examples(
+        model,
+        examples,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        batch_size=opts.batch_size,
+        device=device,
+        vocab_stats="vocab" in needs,
+        desc=f"score {name}",
+    )
+    offset = 0
+
+    def take(count: int) -> list[TokenStats]:
+        nonlocal offset
+        part = stats[offset : offset + count]
+        offset += count
+        return part
+
+    if "target" in needs:
+        s.target = take(n)
+    if "paraphrase" in needs:
+        s.nll_paraphrase = np.array([t.avg_nll for t in take(n)])
+    if "perturbed" in needs:
+        k = len(rows[0]["perturbed_answer"])
+        s.nll_perturbed = np.array([t.avg_nll for t in take(n * k)]).reshape(n, k)  # row i's K are adjacent
+    if "options" in needs:
+        c = len(rows[0]["choices"])
+        s.option_logprob = np.array([float(t.logprobs.sum()) for t in take(n * c)]).reshape(n, c)
+    if "generation" in needs:
+        max_new = {"knowmem": opts.knowmem_max_new_tokens, "completion": opts.verbmem_max_new_tokens}
+        s.generations = generate_greedy(
+            model,
+            tok,
+            _generation_prompts(kind, rows, tok, opts),
+            max_new_tokens=max_new.get(kind, opts.max_new_tokens),
+            batch_size=opts.batch_size,
+            device=device,
+            stop_strings=KNOWMEM_STOPS if kind == "knowmem" else (),
+        )
+    return s
+
+
+# --- the suite -----------------------------------------------------------------------------------
 
 
 @dataclass
@@ -126,23 +402,19 @@ class EvalResult:
     """The suite's output for one model.
 
     Attributes:
-        aggregates: ``"<split>_<metric>"`` → value, e.g. ``forget_prob``, ``world_facts_rouge``.
-        per_sample: split → one dict per evaluated row: ``index`` (row index in the full split),
-            ``question``, ``answer``, ``generation`` (if ``rouge`` ran), one key per metric
-            (``prob``, ``rouge``, ``truth_ratio``: the raw tr, not its aggregate transform), and
-            the row's ``author`` / ``attribute`` when present.
-        forget_truth_ratios: (N,) raw truth ratios on the ``forget`` split (input of the KS test),
-            or None if that split or metric was not evaluated.
+        aggregates: ``"<split>_<metric>"`` -> value (e.g. ``forget_prob``, ``wmdp-bio_mcq_accuracy``)
+            and ``"mia_<attack>"`` -> ROC-AUC (forget members vs holdout non-members).
+        per_sample: split -> one dict per evaluated row: ``index`` (row index in the full split),
+            the row's identifying text, ``nll`` (avgNLL of the main target, when scored),
+            ``generation`` (when generated), one key per split metric (raw values: the truth
+            ratio itself, not its aggregate transform), one per MIA score, and the row's
+            ``author`` / ``attribute`` when present.
+        utility: the aggregate keys that enter ``model_utility``.
     """
 
     aggregates: dict[str, float]
     per_sample: dict[str, list[dict]]
-    forget_truth_ratios: np.ndarray | None
-
-
-def split_kind(rows: Sequence[Mapping[str, Any]]) -> str:
-    """``qa`` if the rows carry ``paraphrased_answer`` (TOFU forget/retain/holdout), else ``options``."""
-    return QA if "paraphrased_answer" in rows[0] else OPTIONS
+    utility: list[str]
 
 
 def subsample(n: int, max_samples: int | None, seed: int) -> np.ndarray:
@@ -156,76 +428,24 @@ def subsample(n: int, max_samples: int | None, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(n, size=max_samples, replace=False))
 
 
-def _perturbed(name: str, rows: Sequence[Mapping[str, Any]]) -> list[list[str]]:
-    lists = [list(r["perturbed_answer"]) for r in rows]
-    widths = {len(p) for p in lists}
-    if len(widths) != 1 or 0 in widths:
-        raise ValueError(
-            f"split {name!r}: every row needs the same number (>= 1) of perturbed_answer; got {widths}"
-        )
-    return lists
-
-
-def score_split(
-    model: torch.nn.Module,
-    tokenizer: Any,
-    name: str,
-    rows: Sequence[Mapping[str, Any]],
-    indices: np.ndarray,
-    *,
-    needs: frozenset[str],
-    batch_size: int,
-    max_new_tokens: int,
-    max_length: int,
-    device: torch.device | str,
-) -> ScoredSplit:
-    """Run the model once over a split: one ``score_qa`` call for every needed answer variant and,
-    if ``generation`` is needed, one ``generate_greedy`` call.
-
-    Args:
-        needs: subset of {``answer``, ``paraphrase``, ``perturbed``, ``generation``}.
-
-    Returns:
-        The ``ScoredSplit`` (fields not needed are None).
-    """
-    kind = split_kind(rows)
-    questions = [r["question"] for r in rows]
-    n = len(rows)
-    pairs: list[tuple[str, str]] = []
-    if "answer" in needs:
-        pairs += [(q, r["answer"]) for q, r in zip(questions, rows, strict=True)]
-    if "paraphrase" in needs:
-        pairs += [(q, r["paraphrased_answer"]) for q, r in zip(questions, rows, strict=True)]
-    if "perturbed" in needs:
-        perturbed = _perturbed(name, rows)
-        pairs += [(q, a) for q, p in zip(questions, perturbed, strict=True) for a in p]
-    nll = score_qa(model, tokenizer, pairs, batch_size=batch_size, max_length=max_length, device=device)
-    fields: dict[str, Any] = {}
-    offset = 0
-    for key, field in (("answer", "nll_answer"), ("paraphrase", "nll_paraphrase")):
-        if key in needs:
-            fields[field] = nll[offset : offset + n]
-            offset += n
-    if "perturbed" in needs:
-        fields["nll_perturbed"] = nll[offset:].reshape(n, -1)  # row-major: row i's K answers are adjacent
-    if "generation" in needs:
-        fields["generations"] = generate_greedy(
-            model, tokenizer, questions, max_new_tokens=max_new_tokens, batch_size=batch_size, device=device
-        )
-    return ScoredSplit(name=name, kind=kind, rows=rows, indices=indices, **fields)
+_IDENTITY = {
+    "text": ("text",),
+    "completion": ("prompt", "gt"),
+    "mcq": ("question", "answer"),
+}
 
 
 def _per_sample_rows(s: ScoredSplit, values: Mapping[str, MetricValues]) -> list[dict]:
     out = []
     for i, row in enumerate(s.rows):
-        rec: dict[str, Any] = {
-            "index": int(s.indices[i]),
-            "question": row["question"],
-            "answer": row["answer"],
-        }
+        rec: dict[str, Any] = {"index": int(s.indices[i])}
+        rec.update({k: row[k] for k in _IDENTITY.get(s.kind, ("question", "answer"))})
+        if s.target is not None:
+            rec["nll"] = s.target[i].avg_nll
         if s.generations is not None:
             rec["generation"] = s.generations[i]
         rec.update({m: float(v.per_sample[i]) for m, v in values.items()})
+        rec.update({m: float(v[i]) for m, v in s.mia_scores.items()})
         rec.update({k: row[k] for k in CARRIED_FIELDS if k in row})
         out.append(rec)
     return out
@@ -235,111 +455,182 @@ def evaluate_splits(
     model: torch.nn.Module,
     tokenizer: Any,
     splits: Mapping[str, Sequence[dict]],
+    layout: Layout,
     *,
     metrics: Sequence[str],
-    batch_size: int,
-    max_new_tokens: int,
-    max_length: int,
     device: torch.device | str,
-    max_samples: int | None = None,
-    seed: int = 0,
+    opts: SuiteOptions = SuiteOptions(),
 ) -> EvalResult:
-    """Evaluate one model on every split with the requested metrics (ALGORITHMS.md §5).
+    """Evaluate one model on every evaluated split of a benchmark (ALGORITHMS.md §5).
 
     Args:
         model: a causal LM on ``device``; put in eval mode for the call, its mode restored after.
         tokenizer: its tokenizer.
-        splits: split name → rows in TOFU format (see the module docstring).
-        metrics: names in ``METRICS`` (``prob``, ``rouge``, ``truth_ratio``).
-        batch_size: rows per forward / per ``generate`` call.
-        max_new_tokens: generation cap for ``rouge``.
-        max_length: token cap per scored (question, answer) pair.
+        splits: split name -> rows, for every split in ``layout.evaluated()`` (others are ignored).
+        layout: kinds, roles and MIA splits of the benchmark.
+        metrics: names from ``known_metrics()``; each runs where it applies.
         device: where inputs go.
-        max_samples: evaluate a seeded subset of at most this many rows per split (None: all).
-        seed: seed of that subset.
+        opts: batch size, token caps, generation lengths, MIA k, subsampling.
 
     Returns:
-        ``EvalResult`` with ``"<split>_<metric>"`` aggregates, per-sample rows and the raw forget
-        truth ratios.
+        ``EvalResult``. The oracle-relative metrics come from ``relative_metrics``.
 
     Raises:
-        ConfigError: an unknown metric name (the message lists the known ones).
-        ValueError: an empty split, or rows with differing numbers of perturbed answers.
+        ConfigError: an unknown metric name.
+        ValueError: an empty split, or rows of inconsistent shape.
     """
-    specs = {m: METRICS.get(m) for m in dict.fromkeys(metrics)}
+    check_metric_names(metrics)
+    requested = set(metrics)
+    split_metrics = {m: METRICS.get(m) for m in dict.fromkeys(metrics) if m in METRICS}
+    mia_requested = requested & {*MIA_ATTACKS, *RELATIVE}
+    mia_splits = set(layout.mia or ()) if mia_requested else set()
+    if mia_requested and not layout.mia:
+        log.warning(
+            "metrics %s need member / non-member splits, which this benchmark lacks", sorted(mia_requested)
+        )
     aggregates: dict[str, float] = {}
     per_sample: dict[str, list[dict]] = {}
-    forget_tr: np.ndarray | None = None
+    scored: dict[str, ScoredSplit] = {}
+    utility: list[str] = []
     with eval_mode(model):
-        for name, all_rows in splits.items():
+        for name in layout.evaluated():
+            info = layout.info[name]
+            all_rows = splits[name]
             if len(all_rows) == 0:
                 raise ValueError(f"split {name!r} is empty")
-            indices = subsample(len(all_rows), max_samples, seed)
+            indices = subsample(len(all_rows), opts.max_samples, opts.seed)
             rows = [all_rows[i] for i in indices]
-            kind = split_kind(rows)
-            needs = frozenset().union(*(spec.needs[kind] for spec in specs.values()))
+            applicable = (
+                {m: spec for m, spec in split_metrics.items() if spec.applies(info.kind, info.role, rows)}
+                if info.role != "mia"
+                else {}
+            )
+            needs = set().union(*(spec.needs[info.kind] for spec in applicable.values()))
+            if name in mia_splits:
+                needs |= _mia_needs(mia_requested) - {"grad"}
+            if not needs:
+                continue
             log.info(
-                "evaluating split %s (%s, %d of %d rows): %s",
+                "evaluating %s (%s/%s, %d of %d rows): %s",
                 name,
-                kind,
+                info.kind,
+                info.role,
                 len(rows),
                 len(all_rows),
-                list(specs),
+                list(applicable),
             )
-            scored = score_split(
+            s = score_split(
                 model,
                 tokenizer,
                 name,
+                info.kind,
+                info.role,
                 rows,
                 indices,
-                needs=needs,
-                batch_size=batch_size,
-                max_new_tokens=max_new_tokens,
-                max_length=max_length,
+                needs=frozenset(needs),
+                opts=opts,
                 device=device,
             )
-            values = {m: spec.compute(scored) for m, spec in specs.items()}
-            aggregates.update({f"{name}_{m}": v.aggregate for m, v in values.items()})
-            per_sample[name] = _per_sample_rows(scored, values)
-            if name == FORGET_SPLIT and "truth_ratio" in values:
-                forget_tr = values["truth_ratio"].per_sample
-    return EvalResult(aggregates=aggregates, per_sample=per_sample, forget_truth_ratios=forget_tr)
+            if name in mia_splits:
+                s.mia_scores = _mia_scores(s, mia_requested, opts)
+                if "mia_grad_norm" in mia_requested:
+                    s.mia_scores["mia_grad_norm"] = grad_norm_scores(
+                        model,
+                        [_target(info.kind, r, opts.max_length, tokenizer)[0] for r in rows],
+                        eos_token_id=tokenizer.eos_token_id,
+                        device=device,
+                        p=opts.grad_norm_p,
+                    )
+            values = {m: spec.compute(s) for m, spec in applicable.items()}
+            keys = {m: f"{name}_{m}" for m in values}
+            aggregates.update({keys[m]: v.aggregate for m, v in values.items()})
+            if info.role == "utility":
+                utility += list(keys.values())
+            scored[name] = s
+            per_sample[name] = _per_sample_rows(s, values)
+    if layout.mia and mia_splits and all(n in scored for n in layout.mia):
+        members, nonmembers = (scored[n] for n in layout.mia)
+        for attack in MIA_ATTACKS:
+            if attack in requested:
+                aggregates[attack] = mia.auc(members.mia_scores[attack], nonmembers.mia_scores[attack])
+    return EvalResult(aggregates=aggregates, per_sample=per_sample, utility=utility)
 
 
-def summary_metrics(
-    aggregates: Mapping[str, float],
-    forget_tr: np.ndarray | None,
-    oracle_forget_tr: np.ndarray | None,
-    utility_splits: Sequence[str],
+def relative_metrics(
+    result: EvalResult,
+    layout: Layout,
+    oracle: Mapping[str, Sequence[Mapping[str, Any]]] | None,
+    metrics: Sequence[str],
 ) -> dict[str, float]:
-    """TOFU's two headline numbers from one model's results.
+    """The numbers measured against the oracle (retain) model, and ``model_utility``.
 
     Args:
-        aggregates: ``EvalResult.aggregates``.
-        forget_tr: the model's raw per-sample forget truth ratios.
-        oracle_forget_tr: the oracle (retain) model's, on the same forget rows.
-        utility_splits: splits whose ``prob``, ``rouge`` and ``truth_ratio`` aggregates enter the
-            utility (TOFU: ``["retain", "real_authors", "world_facts"]``); splits absent from
-            ``aggregates`` are skipped.
+        result: this model's ``EvalResult``.
+        layout: the benchmark layout.
+        oracle: the oracle's per-sample rows (split -> rows with ``index``, ``truth_ratio``,
+            ``nll``, ``mia_min_k``), as its own evaluation wrote them; pass this model's own
+            ``result.per_sample`` to evaluate the oracle against itself; None: no oracle.
+        metrics: the requested metric names.
 
     Returns:
-        ``forget_quality``: KS p-value vs the oracle, NaN (undefined, not zero) without an oracle;
-        ``model_utility``: harmonic mean of the available sub-metrics, NaN if there are none.
+        ``forget_quality`` (KS p-value of forget truth ratios vs the oracle's; NaN without oracle
+        or truth ratios), ``model_utility`` (harmonic mean of every utility-split aggregate; NaN
+        if none), and when requested ``mia_reference`` (AUC of avgNLL_oracle − avgNLL_model) and
+        ``privleak`` (Min-K% AUC relative to the oracle's; 0.5 reference without oracle).
     """
-    if forget_tr is None or oracle_forget_tr is None:
-        fq = math.nan
-    else:
-        fq = tofu.forget_quality(forget_tr, oracle_forget_tr)
-    parts: dict[str, float] = {}
-    for split in utility_splits:
-        keys = [f"{split}_{m}" for m in UTILITY_METRICS]
-        present = [k for k in keys if k in aggregates]
-        if not present:
-            continue
-        if len(present) < len(keys):
-            log.warning("model_utility: %s lacks %s", split, sorted(set(keys) - set(present)))
-        parts.update({k: aggregates[k] for k in present})
-    if not parts:
-        log.warning("model_utility: none of the utility splits %s were evaluated", list(utility_splits))
-    mu = tofu.model_utility(parts) if parts else math.nan
-    return {"forget_quality": fq, "model_utility": mu}
+    out: dict[str, float] = {}
+    fq_split = layout.forget_quality
+    forget_tr = _column(result.per_sample.get(fq_split or "", []), "truth_ratio")
+    oracle_tr = _column((oracle or {}).get(fq_split or "", []), "truth_ratio")
+    out["forget_quality"] = (
+        tofu.forget_quality(forget_tr, oracle_tr)
+        if forget_tr is not None and oracle_tr is not None
+        else math.nan
+    )
+    parts = {k: result.aggregates[k] for k in result.utility if not math.isnan(result.aggregates[k])}
+    out["model_utility"] = tofu.model_utility(parts) if parts else math.nan
+    if not layout.mia or not all(n in result.per_sample for n in layout.mia):
+        return out
+    members, nonmembers = (result.per_sample[n] for n in layout.mia)
+    if "mia_reference" in metrics:
+        if oracle is None:
+            out["mia_reference"] = math.nan
+        else:
+            scores = [_reference(result.per_sample[n], oracle.get(n, []), n) for n in layout.mia]
+            out["mia_reference"] = mia.auc(*scores)
+            for n, sc in zip(layout.mia, scores, strict=True):
+                for rec, v in zip(result.per_sample[n], sc, strict=True):
+                    rec["mia_reference"] = float(v)
+    if "privleak" in metrics:
+        auc_model = mia.auc(_column(members, "mia_min_k"), _column(nonmembers, "mia_min_k"))
+        auc_oracle = None
+        if oracle is not None:
+            om, on = (_column(oracle.get(n, []), "mia_min_k") for n in layout.mia)
+            if om is None or on is None:
+                raise ValueError(
+                    "the oracle's per-sample rows lack mia_min_k (evaluate it with privleak too)"
+                )
+            auc_oracle = mia.auc(om, on)
+        out["privleak"] = mia.privleak(auc_model, auc_oracle)
+    return out
+
+
+def _column(rows: Sequence[Mapping[str, Any]], key: str) -> np.ndarray | None:
+    if not rows or key not in rows[0]:
+        return None
+    return np.array([r[key] for r in rows], dtype=np.float64)
+
+
+def _reference(
+    rows: Sequence[Mapping[str, Any]], oracle_rows: Sequence[Mapping[str, Any]], split: str
+) -> np.ndarray:
+    by_index = {r["index"]: r.get("nll") for r in oracle_rows}
+    missing = [r["index"] for r in rows if by_index.get(r["index"]) is None]
+    if missing:
+        raise ValueError(
+            f"the oracle's per-sample {split!r} rows lack nll for {len(missing)} rows (first index {missing[0]}); "
+            "evaluate both with the same max_samples and seed"
+        )
+    return mia.reference_score(
+        np.array([r["nll"] for r in rows]), np.array([by_index[r["index"]] for r in rows])
+    )

@@ -138,18 +138,24 @@ def rouge_l_recall(predictions: Sequence[str], references: Sequence[str]) -> lis
 
     Recall = LCS(prediction, reference) / |reference| in tokens, as ``rouge-score``'s
     ``RougeScorer(["rougeL"], use_stemmer=True)`` computes it.
-
-    Args:
-        predictions: N generated texts.
-        references: N ground-truth answers.
-
-    Returns:
-        N recalls in [0, 1].
     """
+    return _rouge_l(predictions, references, "recall")
+
+
+def rouge_l_f1(predictions: Sequence[str], references: Sequence[str]) -> list[float]:
+    """ROUGE-L F1 of each prediction against its reference (MUSE's verbmem and knowmem; stemming).
+
+    F1 = 2PR / (P + R) with P = LCS / |prediction| and R = LCS / |reference| (``rouge-score``'s
+    ``fmeasure``; MUSE, Shi et al. 2024, arXiv:2407.06460 §3).
+    """
+    return _rouge_l(predictions, references, "fmeasure")
+
+
+def _rouge_l(predictions: Sequence[str], references: Sequence[str], field: str) -> list[float]:
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} predictions but {len(references)} references")
     scorer = _rouge_scorer()
     return [
-        float(scorer.score(ref, pred)["rougeL"].recall)
+        float(getattr(scorer.score(ref, pred)["rougeL"], field))
         for pred, ref in zip(predictions, references, strict=True)
     ]
