@@ -10,6 +10,7 @@ import typer
 from unlearnflow import cli, modeling, tracking
 from unlearnflow.config import ComputeConfig, EvaluateConfig, ModelConfig, load_section
 from unlearnflow.data import splits as split_io
+from unlearnflow.data.tokenize import PromptFormat
 from unlearnflow.errors import UnlearnflowError
 from unlearnflow.io import atomic_dir, read_jsonl, write_json, write_jsonl
 from unlearnflow.metrics import SuiteOptions, evaluate_splits, relative_metrics
@@ -71,7 +72,10 @@ def main(
                 layout,
                 metrics=cfg.metrics,
                 device=device,
-                opts=SuiteOptions(**cfg.suite_options(model_cfg.max_length)),
+                opts=SuiteOptions(
+                    **cfg.suite_options(model_cfg.max_length),
+                    prompt=PromptFormat(**model_cfg.prompt_kwargs()),
+                ),
             )
             relative = relative_metrics(
                 result, layout, result.per_sample if reference is None else reference, cfg.metrics

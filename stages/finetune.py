@@ -9,7 +9,7 @@ import typer
 from unlearnflow import cli, modeling, tracking, train
 from unlearnflow.config import ComputeConfig, FinetuneConfig, ModelConfig, TrackingConfig, load_section
 from unlearnflow.data import splits as split_io
-from unlearnflow.data.tokenize import training_examples
+from unlearnflow.data.tokenize import PromptFormat, training_examples
 from unlearnflow.errors import UnlearnflowError
 from unlearnflow.io import atomic_dir, link_or_copy_tree, write_jsonl
 from unlearnflow.methods import build_method
@@ -74,7 +74,11 @@ def main(
                 ex
                 for name in layout.train[role]
                 for ex in training_examples(
-                    tok, data[name], layout.info[name].kind, max_length=model_cfg.max_length
+                    tok,
+                    data[name],
+                    layout.info[name].kind,
+                    max_length=model_cfg.max_length,
+                    fmt=PromptFormat(**model_cfg.prompt_kwargs()),
                 )
             ]
             for name in layout.train[role]:

@@ -9,7 +9,7 @@ import typer
 from unlearnflow import cli, modeling, tracking, train
 from unlearnflow.config import ComputeConfig, ModelConfig, TrackingConfig, UnlearnConfig, load_section
 from unlearnflow.data import splits as split_io
-from unlearnflow.data.tokenize import training_examples
+from unlearnflow.data.tokenize import PromptFormat, training_examples
 from unlearnflow.io import atomic_dir, write_jsonl
 from unlearnflow.methods import build_method
 from unlearnflow.optim import parse_optimizer_args
@@ -51,7 +51,11 @@ def main(
             data = split_io.read_splits(splits, list(sources.values()))
             encoded = {
                 stream: training_examples(
-                    tok, data[name], layout.info[name].kind, max_length=model_cfg.max_length
+                    tok,
+                    data[name],
+                    layout.info[name].kind,
+                    max_length=model_cfg.max_length,
+                    fmt=PromptFormat(**model_cfg.prompt_kwargs()),
                 )
                 for stream, name in sources.items()
             }

@@ -149,7 +149,29 @@ class ModelConfig(Section):
     oracle: str | None = Field(None, description="ready oracle checkpoint: finetune@oracle copies it")
     trust_remote_code: bool = False
     max_length: int = Field(96, ge=8, description="token cap of prompt + answer")
+    chat_template: bool = Field(
+        False,
+        description="render questions with the tokenizer's chat template (instruction-tuned checkpoints)",
+    )
+    system_prompt: str | None = Field(None, description="chat template: a system turn before each question")
+    chat_date_string: str | None = Field(
+        None, description="chat template: the date_string some templates take"
+    )
     scratch: ScratchModelConfig = ScratchModelConfig()
+
+    @model_validator(mode="after")
+    def _chat_needs_a_real_tokenizer(self) -> ModelConfig:
+        if self.chat_template and self.base == "scratch":
+            raise ValueError("model.chat_template needs a pretrained tokenizer; model.base is scratch")
+        return self
+
+    def prompt_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of ``data.tokenize.PromptFormat``."""
+        return {
+            "chat": self.chat_template,
+            "system_prompt": self.system_prompt,
+            "date_string": self.chat_date_string,
+        }
 
 
 # Constrained types, so that a subclass overriding a default keeps the constraint.

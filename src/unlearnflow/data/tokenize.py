@@ -1,6 +1,7 @@
 """QA tokenisation with answer-only labels, and the padding collators.
 
-A QA pair becomes ``[bos] prompt answer eos`` where the prompt is ``format_prompt(question)``.
+A QA pair becomes ``[bos] prompt answer eos`` where the prompt is ``format_prompt(question)``, or
+the tokenizer's chat template for instruction-tuned checkpoints (``PromptFormat``).
 Prompt and answer are tokenised separately and concatenated, so the answer's tokens do not
 depend on the prompt (a BPE merge across the boundary would make "the answer" ambiguous).
 Labels are the input ids on answer (and EOS) positions and ``IGNORE_INDEX`` everywhere else; the
@@ -10,6 +11,7 @@ model shifts them itself, so the loss falls on predicting answer tokens only.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -21,6 +23,70 @@ PROMPT_TEMPLATE = "Question: {question}\nAnswer:"
 def format_prompt(question: str, template: str = PROMPT_TEMPLATE) -> str:
     """The text the model is conditioned on; the answer follows after one space."""
     return template.format(question=question)
+
+
+@dataclass(frozen=True)
+class PromptFormat:
+    """How a question becomes the model's prompt.
+
+    ``chat=False``: the plain ``template`` ("Question: …\nAnswer:") with the answer after one space
+    (the embedded models, base models). ``chat=True``: the tokenizer's own chat template, as
+    open-unlearning renders TOFU for instruction-tuned checkpoints: the prompt is the user turn
+    (after an optional system prompt) with the generation prompt, the target is what the template
+    puts after it for the assistant's answer (its end-of-turn token included), plus EOS if the
+    template does not end with it.
+    """
+
+    chat: bool = False
+    system_prompt: str | None = None
+    date_string: str | None = None
+    template: str = PROMPT_TEMPLATE
+
+    def _messages(self, question: str, answer: str | None = None) -> list[dict[str, str]]:
+        messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+        messages.append({"role": "user", "content": question})
+        if answer is not None:
+            messages.append({"role": "assistant", "content": answer})
+        return messages
+
+    def _render(self, tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bool) -> list[int]:
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError("model.chat_template is set but the tokenizer has no chat template")
+        extra = {"date_string": self.date_string} if self.date_string else {}
+        ids = tokenizer.apply_chat_template(
+            messages, tokenize=True, add_generation_prompt=generation_prompt, return_dict=False, **extra
+        )
+        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+    def prompt_ids(self, tokenizer: Any, question: str) -> list[int]:
+        """The prompt's token ids, BOS included where the model uses one."""
+        if not self.chat:
+            return _with_bos(
+                tokenizer,
+                tokenizer(format_prompt(question, self.template), add_special_tokens=False)["input_ids"],
+            )
+        return self._render(tokenizer, self._messages(question), generation_prompt=True)
+
+    def pair_ids(self, tokenizer: Any, question: str, answer: str) -> tuple[list[int], list[int]]:
+        """``(prompt ids, target ids)`` of a question and its answer; the target ends with EOS."""
+        if not self.chat:
+            target = [*tokenizer(" " + answer, add_special_tokens=False)["input_ids"], tokenizer.eos_token_id]
+            return self.prompt_ids(tokenizer, question), target
+        prompt = self.prompt_ids(tokenizer, question)
+        full = self._render(tokenizer, self._messages(question, answer), generation_prompt=False)
+        if full[: len(prompt)] != prompt:
+            raise ValueError("the chat template renders the prompt differently with and without the answer")
+        target = full[len(prompt) :]
+        if not target or target[-1] != tokenizer.eos_token_id:
+            target.append(tokenizer.eos_token_id)
+        return prompt, target
+
+
+PLAIN = PromptFormat()
+
+
+def _with_bos(tokenizer: Any, ids: Sequence[int]) -> list[int]:
+    return [tokenizer.bos_token_id, *ids] if tokenizer.bos_token_id is not None else list(ids)
 
 
 def encode_example(
@@ -51,28 +117,33 @@ def encode_example(
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else []
     if prompt_budget is not None:
         prompt_ids = prompt_ids[max(0, len(prompt_ids) - prompt_budget) :]
-    if tokenizer.bos_token_id is not None:
-        prompt_ids = [tokenizer.bos_token_id, *prompt_ids]
     target_ids = list(tokenizer(target, add_special_tokens=False)["input_ids"])
     if add_eos:
         target_ids.append(tokenizer.eos_token_id)
+    return _join(_with_bos(tokenizer, prompt_ids), target_ids, max_length)
+
+
+def encode_qa(
+    tokenizer: Any, question: str, answer: str, *, max_length: int, fmt: PromptFormat = PLAIN
+) -> dict[str, list[int]]:
+    """Token ids and labels of a QA pair in prompt format ``fmt``; the loss falls on the answer (and
+    EOS) only, which is truncated from its end to fit ``max_length``, never the prompt.
+
+    Raises:
+        ValueError: the prompt alone fills ``max_length``.
+    """
+    prompt_ids, answer_ids = fmt.pair_ids(tokenizer, question, answer)
+    return _join(prompt_ids, answer_ids, max_length)
+
+
+def _join(prompt_ids: list[int], target_ids: list[int], max_length: int) -> dict[str, list[int]]:
     room = max_length - len(prompt_ids)
     if room < 1:
         raise ValueError(
             f"prompt of {len(prompt_ids)} tokens leaves no room for the answer (max_length={max_length})"
         )
     target_ids = target_ids[:room]
-    return {
-        "input_ids": prompt_ids + target_ids,
-        "labels": [IGNORE_INDEX] * len(prompt_ids) + target_ids,
-    }
-
-
-def encode_qa(
-    tokenizer: Any, question: str, answer: str, *, max_length: int, template: str = PROMPT_TEMPLATE
-) -> dict[str, list[int]]:
-    """``encode_example`` of ``format_prompt(question)`` and the answer after one space."""
-    return encode_example(tokenizer, format_prompt(question, template), " " + answer, max_length=max_length)
+    return {"input_ids": prompt_ids + target_ids, "labels": [IGNORE_INDEX] * len(prompt_ids) + target_ids}
 
 
 def encode_text_windows(tokenizer: Any, text: str, *, max_length: int) -> list[dict[str, list[int]]]:
@@ -94,15 +165,15 @@ def encode_text_windows(tokenizer: Any, text: str, *, max_length: int) -> list[d
     return windows
 
 
-def encode_prompt(tokenizer: Any, question: str, *, template: str = PROMPT_TEMPLATE) -> list[int]:
+def encode_prompt(tokenizer: Any, question: str, *, fmt: PromptFormat = PLAIN) -> list[int]:
     """Prompt ids for generation: the same tokens ``encode_qa`` puts before the answer."""
-    return encode_prompt_text(tokenizer, format_prompt(question, template))
+    return fmt.prompt_ids(tokenizer, question)
 
 
 def encode_prompt_text(tokenizer: Any, prompt: str, *, max_length: int | None = None) -> list[int]:
     """``[bos] prompt`` ids for generation; with ``max_length``, the prompt keeps its last tokens."""
     ids = list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    bos = _with_bos(tokenizer, [])
     if max_length is not None and len(bos) + len(ids) > max_length:
         ids = ids[len(bos) + len(ids) - max_length :]
     return bos + ids
@@ -143,16 +214,19 @@ def format_mcq(question: str, choices: Sequence[str]) -> str:
 
 
 def training_examples(
-    tokenizer: Any, rows: Sequence[dict[str, Any]], kind: str, *, max_length: int
+    tokenizer: Any, rows: Sequence[dict[str, Any]], kind: str, *, max_length: int, fmt: PromptFormat = PLAIN
 ) -> list[dict[str, list[int]]]:
     """Encoded training examples of one split, by its kind (see ``data.benchmark``).
 
     Question/answer kinds train on the answer given the prompt; ``text`` on every token of each
     document (in ``max_length`` windows); ``completion`` on the continuation given its prefix;
-    ``mcq`` on the correct letter after the lettered prompt.
+    ``mcq`` on the correct letter after the lettered prompt. ``fmt`` applies to question/answer
+    kinds (the chat template of instruction-tuned checkpoints); corpora and lettered prompts stay plain.
     """
     if kind in ("qa", "options", "knowmem"):
-        return [encode_qa(tokenizer, r["question"], r["answer"], max_length=max_length) for r in rows]
+        return [
+            encode_qa(tokenizer, r["question"], r["answer"], max_length=max_length, fmt=fmt) for r in rows
+        ]
     if kind == "text":
         return [w for r in rows for w in encode_text_windows(tokenizer, r["text"], max_length=max_length)]
     if kind == "completion":

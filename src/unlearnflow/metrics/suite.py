@@ -40,6 +40,8 @@ import torch
 from unlearnflow.data.benchmark import Layout
 from unlearnflow.data.tokenize import (
     MCQ_LETTERS,
+    PLAIN,
+    PromptFormat,
     encode_example,
     encode_prompt,
     encode_prompt_text,
@@ -79,6 +81,7 @@ class SuiteOptions:
     mcq_format: str = "letter"
     max_samples: int | None = None
     seed: int = 0
+    prompt: PromptFormat = PLAIN
 
 
 @dataclass
@@ -267,8 +270,9 @@ def _mia_scores(s: ScoredSplit, requested: set[str], opts: SuiteOptions) -> dict
 # --- scoring one split ---------------------------------------------------------------------------
 
 
-def _target(kind: str, row: Mapping[str, Any], max_length: int, tok: Any) -> tuple[dict, str]:
+def _target(kind: str, row: Mapping[str, Any], opts: SuiteOptions, tok: Any) -> tuple[dict, str]:
     """The encoded main target of a row and its text."""
+    max_length = opts.max_length
     if kind == "text":
         return encode_example(tok, "", row["text"], max_length=max_length), row["text"]
     if kind == "completion":
@@ -278,7 +282,9 @@ def _target(kind: str, row: Mapping[str, Any], max_length: int, tok: Any) -> tup
             ),
             row["gt"],
         )
-    return encode_qa(tok, row["question"], row["answer"], max_length=max_length), row["answer"]
+    return encode_qa(tok, row["question"], row["answer"], max_length=max_length, fmt=opts.prompt), row[
+        "answer"
+    ]
 
 
 def _options(row: Mapping[str, Any], tok: Any, opts: SuiteOptions) -> list[dict]:
@@ -295,6 +301,8 @@ def _options(row: Mapping[str, Any], tok: Any, opts: SuiteOptions) -> list[dict]
 def _generation_prompts(kind: str, rows: Sequence[Mapping[str, Any]], tok: Any, opts: SuiteOptions) -> list:
     if kind == "completion":
         return [encode_prompt_text(tok, r["prompt"], max_length=opts.max_length) for r in rows]
+    if kind == "knowmem" and opts.prompt.chat:  # the few-shot examples go into the user turn
+        return [opts.prompt.prompt_ids(tok, (r.get("context") or "") + r["question"]) for r in rows]
     if kind == "knowmem":
         return [
             encode_prompt_text(
@@ -302,7 +310,7 @@ def _generation_prompts(kind: str, rows: Sequence[Mapping[str, Any]], tok: Any, 
             )
             for r in rows
         ]
-    return [encode_prompt(tok, r["question"]) for r in rows]
+    return [encode_prompt(tok, r["question"], fmt=opts.prompt) for r in rows]
 
 
 def score_split(
@@ -329,12 +337,15 @@ def score_split(
     examples: list[dict] = []
     s = ScoredSplit(name=name, kind=kind, role=role, rows=rows, indices=indices)
     if "target" in needs:
-        encoded = [_target(kind, r, opts.max_length, tok) for r in rows]
+        encoded = [_target(kind, r, opts, tok) for r in rows]
         examples += [e for e, _ in encoded]
         s.target_texts = [t for _, t in encoded]
     if "paraphrase" in needs:
         examples += [
-            encode_qa(tok, r["question"], r["paraphrased_answer"], max_length=opts.max_length) for r in rows
+            encode_qa(
+                tok, r["question"], r["paraphrased_answer"], max_length=opts.max_length, fmt=opts.prompt
+            )
+            for r in rows
         ]
     if "perturbed" in needs:
         widths = {len(r["perturbed_answer"]) for r in rows}
@@ -343,7 +354,7 @@ def score_split(
                 f"split {name!r}: every row needs the same number (>= 1) of perturbed_answer; got {widths}"
             )
         examples += [
-            encode_qa(tok, r["question"], a, max_length=opts.max_length)
+            encode_qa(tok, r["question"], a, max_length=opts.max_length, fmt=opts.prompt)
             for r in rows
             for a in r["perturbed_answer"]
         ]
@@ -536,7 +547,7 @@ def evaluate_splits(
                 if "mia_grad_norm" in mia_requested:
                     s.mia_scores["mia_grad_norm"] = grad_norm_scores(
                         model,
-                        [_target(info.kind, r, opts.max_length, tokenizer)[0] for r in rows],
+                        [_target(info.kind, r, opts, tokenizer)[0] for r in rows],
                         eos_token_id=tokenizer.eos_token_id,
                         device=device,
                         p=opts.grad_norm_p,
