@@ -163,13 +163,20 @@ def render(record: dict) -> str:
             f"| {p.get('generate_greedy', 0)} | {p.get('grad_norm_scores', 0)} |"
         )
     first, last = record["rows"][0], record["rows"][-1]
-    growth = (last["seconds"] / first["seconds"]) / (last["samples"] / first["samples"])
+    per_seq = [
+        1000 * r["phase_seconds"].get("score_examples", 0) / (r["scored_sequences_per_sample"] * r["samples"])
+        for r in record["rows"]
+    ]
     lines += [
         "",
         f"From N = {first['max_samples']} to {last['max_samples']} the sample count grows "
-        f"{last['samples'] / first['samples']:.2f}× and the time {last['seconds'] / first['seconds']:.2f}× "
-        f"(time per sample × {growth:.2f}): cost is linear in the samples, with a fixed part per split",
-        "(one generation batch decodes until its slowest row stops).",
+        f"{last['samples'] / first['samples']:.2f}× and the time {last['seconds'] / first['seconds']:.2f}×.",
+        "Scoring costs "
+        + ", ".join(f"{v:.2f}" for v in per_seq)
+        + " ms per scored sequence at the three sizes:",
+        "linear in the sequences scored. Generation grows with the rows generated for; `mia_grad_norm`",
+        "(one forward + backward per sample) only touches the member / non-member splits, whose size does",
+        "not change here once N reaches it.",
         f"No forward pass runs outside the three phases ({last['forwards_outside_phases']} counted):",
         "no metric recomputes a pass another already did.",
         "",
