@@ -159,3 +159,29 @@ def test_tradeoff_png(eval_dirs: list[Path], tmp_path: Path) -> None:
     assert data[:8] == PNG_MAGIC
     assert len(data) > 10_000
     assert [p.name for p in path.parent.iterdir()] == ["tradeoff.png"]  # no temp file left behind
+
+
+def test_tradeoff_falls_back_to_privleak_without_forget_quality(tmp_path: Path, monkeypatch) -> None:
+    """MUSE-like rows (no forget_quality) are plotted on privleak; the y label says so."""
+    from matplotlib.axes import Axes
+
+    labels: list[str] = []
+    real = Axes.set_ylabel
+    monkeypatch.setattr(
+        Axes, "set_ylabel", lambda self, text, *a, **k: labels.append(text) or real(self, text)
+    )
+    rows = [
+        {"model": "target", "model_utility": 0.6, "privleak": -98.0},
+        {"model": "oracle", "model_utility": 0.62, "privleak": 0.0},
+        {
+            "model": "unlearned",
+            "method": "npo",
+            "optimizer": "adamw",
+            "model_utility": 0.5,
+            "privleak": -20.0,
+        },
+    ]
+    path = tmp_path / "tradeoff.png"
+    plot_tradeoff(rows, path)
+    assert path.read_bytes()[:8] == PNG_MAGIC
+    assert labels == ["privleak (0 = oracle, −100 = forget set recognised)"]

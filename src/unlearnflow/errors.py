@@ -11,3 +11,7 @@ class UnlearnflowError(Exception):
 
 class ConfigError(UnlearnflowError, ValueError):
     """A value in params.yaml is unknown, missing or out of range."""
+
+
+class DataError(UnlearnflowError, ValueError):
+    """Input data that cannot be used as asked (a prompt longer than max_length, ragged rows)."""

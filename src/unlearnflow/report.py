@@ -19,15 +19,18 @@ from unlearnflow.io import atomic_file, read_json, write_json
 log = logging.getLogger(__name__)
 
 ID_KEYS = ("model", "method", "optimizer", "attack")
-LEAD_METRICS = ("forget_quality", "model_utility")
+LEAD_METRICS = ("forget_quality", "model_utility", "privleak")
 MODELS = ("target", "oracle", "unlearned")
 DASH = "–"
 
 LEGEND = (
     "- **forget_quality**: KS-test p-value of the forget-set truth ratios against the oracle's "
     "(retrained without the forget set); higher = closer to the oracle.\n"
-    "- **model_utility**: harmonic mean of the utility metrics (retain, real authors, world facts); "
-    "higher = better.\n"
+    "- **model_utility**: harmonic mean of the benchmark's utility-split metrics (TOFU: retain, real "
+    "authors, world facts); higher = better.\n"
+    "- **privleak**: Min-K% membership AUC relative to the oracle's, ×100; 0 = like the oracle, "
+    "−100 = the forget set is recognised as training data. `mia_*`: ROC-AUC of forget vs holdout "
+    "(0.5 = indistinguishable). Definitions: docs/metrics.md.\n"
     f"- Numbers to 4 significant digits; {DASH} = not available (NaN)."
 )
 
@@ -77,9 +80,10 @@ def write_summary(rows: Sequence[dict], path: Path) -> None:
 
 
 def metric_columns(rows: Sequence[dict]) -> list[str]:
-    """``forget_quality``, ``model_utility``, then every other metric found in any row, sorted."""
-    others = sorted({k for r in rows for k in r} - set(ID_KEYS) - set(LEAD_METRICS))
-    return [*LEAD_METRICS, *others]
+    """The lead metrics (forget_quality, model_utility, privleak) that any row has, then every other
+    metric found in any row, sorted."""
+    present = {k for r in rows for k in r} - set(ID_KEYS)
+    return [m for m in LEAD_METRICS if m in present] + sorted(present - set(LEAD_METRICS))
 
 
 def format_value(key: str, value: Any) -> str:
@@ -124,24 +128,33 @@ def point_label(row: dict) -> str:
     return "/".join(str(row[k]) for k in ID_KEYS[1:] if row.get(k) is not None) or "unlearned"
 
 
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not math.isnan(value)
+
+
 def plot_tradeoff(rows: Sequence[dict], path: Path) -> None:
     """Save ``tradeoff.png``: model_utility (x) against forget_quality (y, log scale), one point per row.
 
-    A forget_quality of 0 is drawn at the floor of the axis (a tenth of the smallest positive value,
-    or 1e-300 when none is positive) with a hollow marker; rows with a NaN coordinate are left out.
-    Target and oracle get their own markers. Written atomically at 120 dpi.
+    Benchmarks without forget quality (MUSE, WMDP, custom) plot privleak instead (linear scale:
+    −100 = the forget set fully recognised, 0 = like the oracle). A forget_quality of 0 is drawn at
+    the floor of the axis (a tenth of the smallest positive value, or 1e-300 when none is positive)
+    with a hollow marker; rows with a missing coordinate are left out. Target and oracle get their
+    own markers. Written atomically at 120 dpi.
     """
     from matplotlib.figure import Figure  # Agg canvas, no pyplot state
 
+    y_key = "forget_quality"
+    if not any(_finite(r.get(y_key)) for r in rows) and any(_finite(r.get("privleak")) for r in rows):
+        y_key = "privleak"
     points = []
     for row in rows:
-        x, y = row.get("model_utility"), row.get("forget_quality")
-        if x is None or y is None or math.isnan(x) or math.isnan(y):
-            log.warning("%s: no model_utility or forget_quality, not plotted", point_label(row))
+        x, y = row.get("model_utility"), row.get(y_key)
+        if not (_finite(x) and _finite(y)):
+            log.warning("%s: no model_utility or %s, not plotted", point_label(row), y_key)
             continue
         points.append((row, float(x), float(y)))
     positive = [y for _, _, y in points if y > 0]
-    floor = min(positive) / 10 if positive else 1e-300
+    floor = (min(positive) / 10 if positive else 1e-300) if y_key == "forget_quality" else -math.inf
 
     style = {
         "target": {"marker": "X", "color": "tab:red", "s": 90},
@@ -159,7 +172,7 @@ def plot_tradeoff(rows: Sequence[dict], path: Path) -> None:
             legend = "unlearned + attack"
         else:
             legend = kind
-        clipped = y <= 0
+        clipped = y_key == "forget_quality" and y <= 0
         ax.scatter(
             [x],
             [max(y, floor)],
@@ -173,10 +186,14 @@ def plot_tradeoff(rows: Sequence[dict], path: Path) -> None:
         seen.add(legend)
         text = point_label(row) + (" (fq=0)" if clipped else "")
         ax.annotate(text, (x, max(y, floor)), textcoords="offset points", xytext=(5, 4), fontsize=7)
-    ax.set_yscale("log")
     ax.set_xlabel("model_utility (higher = better)")
-    ax.set_ylabel("forget_quality (KS p-value vs oracle, log)")
-    ax.set_title("Forget quality vs model utility")
+    if y_key == "forget_quality":
+        ax.set_yscale("log")
+        ax.set_ylabel("forget_quality (KS p-value vs oracle, log)")
+        ax.set_title("Forget quality vs model utility")
+    else:
+        ax.set_ylabel("privleak (0 = oracle, −100 = forget set recognised)")
+        ax.set_title("Privacy leakage vs model utility")
     ax.grid(True, which="major", alpha=0.3)
     if seen:
         ax.legend(loc="best", fontsize=8)

@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from unlearnflow.errors import DataError
+
 IGNORE_INDEX = -100
 PROMPT_TEMPLATE = "Question: {question}\nAnswer:"
 
@@ -51,7 +53,7 @@ class PromptFormat:
 
     def _render(self, tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bool) -> list[int]:
         if not getattr(tokenizer, "chat_template", None):
-            raise ValueError("model.chat_template is set but the tokenizer has no chat template")
+            raise DataError("model.chat_template is set but the tokenizer has no chat template")
         extra = {"date_string": self.date_string} if self.date_string else {}
         ids = tokenizer.apply_chat_template(
             messages, tokenize=True, add_generation_prompt=generation_prompt, return_dict=False, **extra
@@ -75,7 +77,7 @@ class PromptFormat:
         prompt = self.prompt_ids(tokenizer, question)
         full = self._render(tokenizer, self._messages(question, answer), generation_prompt=False)
         if full[: len(prompt)] != prompt:
-            raise ValueError("the chat template renders the prompt differently with and without the answer")
+            raise DataError("the chat template renders the prompt differently with and without the answer")
         target = full[len(prompt) :]
         if not target or target[-1] != tokenizer.eos_token_id:
             target.append(tokenizer.eos_token_id)
@@ -139,7 +141,7 @@ def encode_qa(
 def _join(prompt_ids: list[int], target_ids: list[int], max_length: int) -> dict[str, list[int]]:
     room = max_length - len(prompt_ids)
     if room < 1:
-        raise ValueError(
+        raise DataError(
             f"prompt of {len(prompt_ids)} tokens leaves no room for the answer (max_length={max_length})"
         )
     target_ids = target_ids[:room]
@@ -157,7 +159,7 @@ def encode_text_windows(tokenizer: Any, text: str, *, max_length: int) -> list[d
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     step = max_length - len(bos)
     if step < 1:
-        raise ValueError(f"max_length={max_length} leaves no room for text")
+        raise DataError(f"max_length={max_length} leaves no room for text")
     windows = []
     for start in range(0, len(ids), step):
         chunk = ids[start : start + step]

@@ -49,7 +49,7 @@ from unlearnflow.data.tokenize import (
     format_mcq,
     format_prompt,
 )
-from unlearnflow.errors import ConfigError
+from unlearnflow.errors import ConfigError, DataError
 from unlearnflow.metrics import memorization, mia, tofu
 from unlearnflow.metrics.scoring import (
     TokenStats,
@@ -350,7 +350,7 @@ def score_split(
     if "perturbed" in needs:
         widths = {len(r["perturbed_answer"]) for r in rows}
         if len(widths) != 1 or 0 in widths:
-            raise ValueError(
+            raise DataError(
                 f"split {name!r}: every row needs the same number (>= 1) of perturbed_answer; got {widths}"
             )
         examples += [
@@ -361,7 +361,7 @@ def score_split(
     if "options" in needs:
         n_choices = {len(r["choices"]) for r in rows}
         if len(n_choices) != 1:
-            raise ValueError(f"split {name!r}: rows have different numbers of choices {sorted(n_choices)}")
+            raise DataError(f"split {name!r}: rows have different numbers of choices {sorted(n_choices)}")
         examples += [e for r in rows for e in _options(r, tok, opts)]
     stats = score_examples(
         model,
@@ -508,7 +508,7 @@ def evaluate_splits(
             info = layout.info[name]
             all_rows = splits[name]
             if len(all_rows) == 0:
-                raise ValueError(f"split {name!r} is empty")
+                raise DataError(f"split {name!r} is empty")
             indices = subsample(len(all_rows), opts.max_samples, opts.seed)
             rows = [all_rows[i] for i in indices]
             applicable = (
@@ -618,9 +618,7 @@ def relative_metrics(
         if oracle is not None:
             om, on = (_column(oracle.get(n, []), "mia_min_k") for n in layout.mia)
             if om is None or on is None:
-                raise ValueError(
-                    "the oracle's per-sample rows lack mia_min_k (evaluate it with privleak too)"
-                )
+                raise DataError("the oracle's per-sample rows lack mia_min_k (evaluate it with privleak too)")
             auc_oracle = mia.auc(om, on)
         out["privleak"] = mia.privleak(auc_model, auc_oracle)
     return out
@@ -638,7 +636,7 @@ def _reference(
     by_index = {r["index"]: r.get("nll") for r in oracle_rows}
     missing = [r["index"] for r in rows if by_index.get(r["index"]) is None]
     if missing:
-        raise ValueError(
+        raise DataError(
             f"the oracle's per-sample {split!r} rows lack nll for {len(missing)} rows (first index {missing[0]}); "
             "evaluate both with the same max_samples and seed"
         )
