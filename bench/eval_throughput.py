@@ -31,8 +31,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def measure(model, tok, data, layout, metrics, opts_kwargs, size: int) -> dict:
-    import torch
-
     from unlearnflow.metrics import SuiteOptions, evaluate_splits, relative_metrics, suite
 
     phase = {"name": "other"}
@@ -64,9 +62,8 @@ def measure(model, tok, data, layout, metrics, opts_kwargs, size: int) -> dict:
     try:
         opts = SuiteOptions(**{**opts_kwargs, "max_samples": size})
         start = time.perf_counter()
-        with torch.inference_mode(False):
-            result = evaluate_splits(model, tok, data, layout, metrics=metrics, device="cpu", opts=opts)
-            relative_metrics(result, layout, result.per_sample, metrics)
+        result = evaluate_splits(model, tok, data, layout, metrics=metrics, device="cpu", opts=opts)
+        relative_metrics(result, layout, result.per_sample, metrics)
         total = time.perf_counter() - start
     finally:
         handle.remove()

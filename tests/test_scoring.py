@@ -10,13 +10,12 @@ import torch
 import torch.nn.functional as F
 
 from unlearnflow.data.tokenize import IGNORE_INDEX, collate, encode_prompt, encode_qa
+from unlearnflow.losses import sequence_nll
 from unlearnflow.metrics.scoring import (
     TokenStats,
-    answer_nll,
     generate_greedy,
     grad_norm_scores,
     score_examples,
-    score_qa,
 )
 
 MAX_LENGTH = 96
@@ -54,10 +53,10 @@ def _naive_greedy(model, tokenizer, question: str, max_new_tokens: int, eos: int
     return new
 
 
-# --- answer_nll ---------------------------------------------------------------------------------
+# --- sequence_nll (the mask every score goes through) ---------------------------------------------------------------------------------
 
 
-def test_answer_nll_matches_plain_cross_entropy():
+def test_sequence_nll_matches_plain_cross_entropy():
     """Row 0: prompt (2 tokens) + 3 answer tokens + 1 padding; row 1: no padding; row 2 all masked.
     Reference: Σ_t CE(logits[b, t−1], labels[b, t]) over unmasked t ≥ 1, one position at a time."""
     logits = torch.randn(3, 6, 11)
@@ -66,7 +65,8 @@ def test_answer_nll_matches_plain_cross_entropy():
     labels[0, 5] = IGNORE_INDEX
     labels[1, :3] = IGNORE_INDEX
     labels[2, :] = IGNORE_INDEX
-    nll_sum, count = answer_nll(logits, labels)
+    nll_sum, count = sequence_nll(logits, labels)
+    count = count.long()
     expected_sum = torch.zeros(3)
     expected_count = torch.zeros(3, dtype=torch.long)
     for b in range(3):
@@ -79,34 +79,46 @@ def test_answer_nll_matches_plain_cross_entropy():
     assert count.tolist() == [3, 3, 0]
 
 
-def test_answer_nll_all_masked_is_zero_not_nan_and_float32():
+def test_sequence_nll_all_masked_is_zero_not_nan_and_float32():
     """No answer token anywhere → sums 0 and counts 0; bf16 logits are scored in float32."""
     logits = torch.randn(2, 4, 7, dtype=torch.bfloat16)
     labels = torch.full((2, 4), IGNORE_INDEX)
-    nll_sum, count = answer_nll(logits, labels)
+    nll_sum, count = sequence_nll(logits, labels)
+    count = count.long()
     assert nll_sum.dtype == torch.float32
     assert nll_sum.tolist() == [0.0, 0.0] and count.tolist() == [0, 0]
 
 
-# --- score_qa -----------------------------------------------------------------------------------
+# --- score_examples: avgNLL -----------------------------------------------------------------------------------
 
 
-def test_score_qa_is_independent_of_batching_and_order(sharp_model, tiny_tokenizer):
+def _avg_nll(model, tok, pairs, batch_size: int) -> np.ndarray:
+    examples = [encode_qa(tok, q, a, max_length=MAX_LENGTH) for q, a in pairs]
+    stats = score_examples(
+        model,
+        examples,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        batch_size=batch_size,
+        device="cpu",
+    )
+    return np.array([st.avg_nll for st in stats])
+
+
+def test_score_examples_is_independent_of_batching_and_order(sharp_model, tiny_tokenizer):
     """Padded, length-sorted batches give each pair the avgNLL it gets alone (the model's own loss)."""
     answers = ["Kerravin.", "Ivo Stenmark wrote it in a long winter.", "Delmsford.", "1957"]
     pairs = list(zip(QUESTIONS, answers, strict=True))
-    batched = score_qa(sharp_model, tiny_tokenizer, pairs, batch_size=3, max_length=MAX_LENGTH, device="cpu")
+    batched = _avg_nll(sharp_model, tiny_tokenizer, pairs, batch_size=3)
     alone = np.array([_hf_avg_nll(sharp_model, tiny_tokenizer, q, a) for q, a in pairs])
     np.testing.assert_allclose(batched, alone, atol=1e-5)
-    one_by_one = score_qa(
-        sharp_model, tiny_tokenizer, pairs, batch_size=1, max_length=MAX_LENGTH, device="cpu"
-    )
+    one_by_one = _avg_nll(sharp_model, tiny_tokenizer, pairs, batch_size=1)
     np.testing.assert_allclose(batched, one_by_one, atol=1e-5)
 
 
-def test_score_qa_restores_training_mode(tiny_model, tiny_tokenizer):
+def test_score_examples_restores_training_mode(tiny_model, tiny_tokenizer):
     tiny_model.train()
-    score_qa(tiny_model, tiny_tokenizer, [("q?", "a")], batch_size=2, max_length=MAX_LENGTH, device="cpu")
+    _avg_nll(tiny_model, tiny_tokenizer, [("q?", "a")], batch_size=2)
     assert tiny_model.training
 
 
@@ -229,22 +241,21 @@ def test_grad_norm_scores_match_a_manual_backward(sharp_model, tiny_tokenizer):
 
 def test_generate_greedy_cuts_at_stop_strings(sharp_model, tiny_tokenizer):
     """A stop string ends the answer where it first occurs (what stopping generation there gives)."""
-    full = generate_greedy(
-        sharp_model,
-        tiny_tokenizer,
-        _prompts(tiny_tokenizer)[:1],
-        max_new_tokens=8,
-        batch_size=1,
-        device="cpu",
-    )[0]
+
+    def first(stops: tuple[str, ...] = ()) -> str:
+        prompts = _prompts(tiny_tokenizer)[:1]
+        return generate_greedy(
+            sharp_model,
+            tiny_tokenizer,
+            prompts,
+            max_new_tokens=8,
+            batch_size=1,
+            device="cpu",
+            stop_strings=stops,
+        )[0]
+
+    full = first()
     stop = full.split()[1] if len(full.split()) > 1 else full[1:3]
-    cut = generate_greedy(
-        sharp_model,
-        tiny_tokenizer,
-        _prompts(tiny_tokenizer)[:1],
-        max_new_tokens=8,
-        batch_size=1,
-        device="cpu",
-        stop_strings=(stop,),
-    )[0]
+    assert stop and stop in full, full
+    cut = first((stop,))
     assert cut == full.split(stop, 1)[0].strip()

@@ -10,7 +10,14 @@ import pytest
 import torch
 
 from unlearnflow.data.benchmark import Layout, SplitInfo
-from unlearnflow.data.tokenize import IGNORE_INDEX, MCQ_LETTERS, encode_example, encode_qa, format_mcq
+from unlearnflow.data.tokenize import (
+    IGNORE_INDEX,
+    MCQ_LETTERS,
+    encode_example,
+    encode_qa,
+    format_mcq,
+    format_prompt,
+)
 from unlearnflow.errors import ConfigError
 from unlearnflow.metrics import SuiteOptions, evaluate_splits, mia, relative_metrics, suite, tofu
 
@@ -256,42 +263,41 @@ def test_mcq_accuracy_picks_the_most_likely_letter(sharp_model, tiny_tokenizer):
         mia=None,
         forget_quality=None,
     )
-    res = evaluate_splits(
-        sharp_model,
-        tok,
-        {"bio": rows, "mmlu": rows},
-        layout,
-        metrics=["mcq_accuracy"],
-        device="cpu",
-        opts=OPTS,
-    )
-    expected = []
-    for row in rows:
-        lls = []
-        for c in range(4):
-            ex = encode_example(
-                tok,
-                format_mcq(row["question"], row["choices"]),
-                " " + MCQ_LETTERS[c],
-                max_length=MAX_LENGTH,
-                add_eos=False,
-            )
-            lls.append(_stats(sharp_model, tok, ex)[0].sum())
-        expected.append(float(np.argmax(lls) == row["answer"]))
+
+    def run(mcq_format: str):
+        opts = SuiteOptions(**{**OPTS.__dict__, "mcq_format": mcq_format})
+        splits = {"bio": rows, "mmlu": rows}
+        return evaluate_splits(
+            sharp_model, tok, splits, layout, metrics=["mcq_accuracy"], device="cpu", opts=opts
+        )
+
+    def expected_hits(mcq_format: str) -> list[float]:
+        """Option log-likelihoods one at a time: the letters after the lettered prompt, or each
+        choice's text after the plain question prompt."""
+        hits = []
+        for row in rows:
+            if mcq_format == "letter":
+                prompt = format_mcq(row["question"], row["choices"])
+                targets = [" " + MCQ_LETTERS[c] for c in range(4)]
+            else:
+                prompt, targets = format_prompt(row["question"]), [" " + c for c in row["choices"]]
+            lls = [
+                _stats(
+                    sharp_model, tok, encode_example(tok, prompt, t, max_length=MAX_LENGTH, add_eos=False)
+                )[0].sum()
+                for t in targets
+            ]
+            hits.append(float(np.argmax(lls) == row["answer"]))
+        return hits
+
+    res = run("letter")
+    expected = expected_hits("letter")
     assert [r["mcq_accuracy"] for r in res.per_sample["bio"]] == expected
     assert res.aggregates["bio_mcq_accuracy"] == pytest.approx(np.mean(expected))
     assert res.utility == ["mmlu_mcq_accuracy"]
-    text_opts = SuiteOptions(**{**OPTS.__dict__, "mcq_format": "text"})
-    res_text = evaluate_splits(
-        sharp_model,
-        tok,
-        {"bio": rows, "mmlu": rows},
-        layout,
-        metrics=["mcq_accuracy"],
-        device="cpu",
-        opts=text_opts,
-    )
+    res_text = run("text")
     assert 0.0 <= res_text.aggregates["bio_mcq_accuracy"] <= 1.0
+    assert [r["mcq_accuracy"] for r in res_text.per_sample["bio"]] == expected_hits("text")
 
 
 def test_relative_metrics_against_oracle_rows_and_self(sharp_model, tiny_tokenizer):

@@ -116,19 +116,14 @@ class Benchmark:
         if unknown:
             raise UnlearnflowError(f"benchmark {what} names unknown splits {unknown}")
 
-    def evaluated(self) -> list[str]:
-        """Splits the evaluate stage scores (every role except ``train``), in ``splits`` order."""
-        return [n for n in self.splits if self.info[n].role != "train"]
+    @property
+    def layout(self) -> Layout:
+        """Everything but the rows: what the manifest stores and later stages read."""
+        return Layout(self.info, self.train, self.unlearn, self.mia, self.forget_quality)
 
     def to_manifest(self) -> dict[str, Any]:
         """The JSON structure stored under ``"benchmark"`` in the splits manifest."""
-        return {
-            "splits": {n: {"kind": i.kind, "role": i.role} for n, i in self.info.items()},
-            "train": {r: list(v) for r, v in self.train.items()},
-            "unlearn": dict(self.unlearn),
-            "mia": list(self.mia) if self.mia else None,
-            "forget_quality": self.forget_quality,
-        }
+        return self.layout.to_manifest()
 
 
 @dataclass(frozen=True)
@@ -154,7 +149,17 @@ class Layout:
         except (KeyError, TypeError) as exc:
             raise UnlearnflowError(f"malformed benchmark layout in the splits manifest: {exc}") from None
 
+    def to_manifest(self) -> dict[str, Any]:
+        return {
+            "splits": {n: {"kind": i.kind, "role": i.role} for n, i in self.info.items()},
+            "train": {r: list(v) for r, v in self.train.items()},
+            "unlearn": dict(self.unlearn),
+            "mia": list(self.mia) if self.mia else None,
+            "forget_quality": self.forget_quality,
+        }
+
     def evaluated(self) -> list[str]:
+        """Splits the evaluate stage scores (every role except ``train``), in ``info`` order."""
         return [n for n, i in self.info.items() if i.role != "train"]
 
 

@@ -63,10 +63,7 @@ class PromptFormat:
     def prompt_ids(self, tokenizer: Any, question: str) -> list[int]:
         """The prompt's token ids, BOS included where the model uses one."""
         if not self.chat:
-            return _with_bos(
-                tokenizer,
-                tokenizer(format_prompt(question, self.template), add_special_tokens=False)["input_ids"],
-            )
+            return encode_prompt_text(tokenizer, format_prompt(question, self.template))
         return self._render(tokenizer, self._messages(question), generation_prompt=True)
 
     def pair_ids(self, tokenizer: Any, question: str, answer: str) -> tuple[list[int], list[int]]:

@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from unlearnflow.data.tokenize import collate, collate_left, encode_qa
-from unlearnflow.losses import answer_positions, sequence_nll
+from unlearnflow.data.tokenize import collate, collate_left
+from unlearnflow.losses import answer_positions
 
 log = logging.getLogger(__name__)
 
@@ -67,20 +67,6 @@ class TokenStats:
     def content(self) -> slice:
         """The target tokens without a final EOS: what memorisation and MIA token statistics read."""
         return slice(0, self.n_tokens - 1 if self.ends_with_eos and self.n_tokens > 1 else self.n_tokens)
-
-
-def answer_nll(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-    """Summed next-token cross-entropy over the answer tokens of each row, and their count.
-
-    ALGORITHMS.md notation: seqNLL per sequence and the number of answer tokens, so avgNLL =
-    sum / count. Delegates to ``losses.sequence_nll`` (the one implementation).
-
-    Returns:
-        ``(nll_sum, count)``: (B,) float32 sums and (B,) int64 counts; a row with no answer token
-        has sum 0 and count 0 (never NaN).
-    """
-    nll_sum, count = sequence_nll(logits, labels)
-    return nll_sum, count.long()
 
 
 _CHUNK = 4096  # answer positions per log-softmax chunk: bounds the float32 (K, V) copy on big vocabularies
@@ -192,32 +178,6 @@ def score_examples(
     if bar is not None:
         bar.close()
     return out  # type: ignore[return-value]
-
-
-def score_qa(
-    model: torch.nn.Module,
-    tokenizer: Any,
-    pairs: Sequence[tuple[str, str]],
-    *,
-    batch_size: int,
-    max_length: int,
-    device: torch.device | str,
-) -> np.ndarray:
-    """avgNLL of each answer given its question (``encode_qa``; one batched pass, ``score_examples``).
-
-    Returns:
-        (N,) float64 avgNLL = seqNLL / answer tokens; NaN for a pair with no answer token.
-    """
-    encoded = [encode_qa(tokenizer, q, a, max_length=max_length) for q, a in pairs]
-    stats = score_examples(
-        model,
-        encoded,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        batch_size=batch_size,
-        device=device,
-    )
-    return np.array([s.avg_nll for s in stats], dtype=np.float64)
 
 
 def generate_greedy(

@@ -92,6 +92,7 @@ class ScoredSplit:
         name, kind, role: the split and its ``SplitInfo``.
         rows: the (possibly subsampled) split rows; ``indices`` their positions in the full split.
         target: ``TokenStats`` of each row's main target (answer, text, continuation), or None.
+        target_examples: the main target's encoded examples (reused by ``mia_grad_norm``), or None.
         target_texts: the main target's text (zlib size), or None.
         nll_paraphrase: (N,) avgNLL of ``paraphrased_answer`` (qa), or None.
         nll_perturbed: (N, K) avgNLL of the K ``perturbed_answer`` entries, or None.
@@ -106,6 +107,7 @@ class ScoredSplit:
     rows: Sequence[Mapping[str, Any]]
     indices: np.ndarray
     target: list[TokenStats] | None = None
+    target_examples: list[dict] | None = None
     target_texts: list[str] | None = None
     nll_paraphrase: np.ndarray | None = None
     nll_perturbed: np.ndarray | None = None
@@ -338,7 +340,8 @@ def score_split(
     s = ScoredSplit(name=name, kind=kind, role=role, rows=rows, indices=indices)
     if "target" in needs:
         encoded = [_target(kind, r, opts, tok) for r in rows]
-        examples += [e for e, _ in encoded]
+        s.target_examples = [e for e, _ in encoded]
+        examples += s.target_examples
         s.target_texts = [t for _, t in encoded]
     if "paraphrase" in needs:
         examples += [
@@ -547,7 +550,7 @@ def evaluate_splits(
                 if "mia_grad_norm" in mia_requested:
                     s.mia_scores["mia_grad_norm"] = grad_norm_scores(
                         model,
-                        [_target(info.kind, r, opts, tokenizer)[0] for r in rows],
+                        s.target_examples,
                         eos_token_id=tokenizer.eos_token_id,
                         device=device,
                         p=opts.grad_norm_p,
@@ -588,6 +591,8 @@ def relative_metrics(
         or truth ratios), ``model_utility`` (harmonic mean of every utility-split aggregate; NaN
         if none), and when requested ``mia_reference`` (AUC of avgNLL_oracle − avgNLL_model) and
         ``privleak`` (Min-K% AUC relative to the oracle's; 0.5 reference without oracle).
+        The per-sample ``mia_reference`` scores are added to ``result.per_sample``'s member and
+        non-member rows, so the written per-sample files carry them.
     """
     out: dict[str, float] = {}
     fq_split = layout.forget_quality

@@ -3,7 +3,7 @@
 Definitions follow ALGORITHMS.md §5, which follows TOFU (Maini et al. 2024, arXiv:2401.06121,
 §2.2 "Evaluation metrics") as implemented in locuslab/open-unlearning
 (``src/evals/metrics/memorization.py``, ``utils.py``). avgNLL is the mean answer-token negative
-log-likelihood of one (question, answer) pair, as returned by ``scoring.score_qa``.
+log-likelihood of one (question, answer) pair, as ``scoring.TokenStats.avg_nll`` gives it.
 """
 
 from __future__ import annotations
