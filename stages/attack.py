@@ -21,6 +21,7 @@ def main(
     attack: str = typer.Argument(..., help="attack name (attack.names)"),
     model: Path = typer.Option(..., help="unlearned model directory"),
     out: Path = typer.Option(..., help="attacked model directory to write"),
+    seed: int = typer.Option(..., help="unlearn seed of the unlearned model (names the item)"),
     params: Path = typer.Option(Path("params.yaml"), help="params file"),
 ) -> None:
     """Attack the unlearned MODEL and save the attacked model."""
@@ -30,7 +31,7 @@ def main(
         device = modeling.pick_device(load_section(params, "compute", ComputeConfig).device)
         atk = build_attack(attack, cfg)
         logged = {"attack": {"name": attack, **atk.args.model_dump()}}
-        item = f"{method}-{optimizer}-{attack}"
+        item = cli.item_name(method, optimizer, seed, attack)
         run_ctx = tracking.stage_run(
             "attack",
             item,
@@ -48,6 +49,7 @@ def main(
                 link_or_copy_tree(model, tmp)
                 (tmp / "run.json").unlink(missing_ok=True)
                 (tmp / "steps.jsonl").unlink(missing_ok=True)
+                (tmp / "health.json").unlink(missing_ok=True)  # the unlearn run's, not the attack's
             run.write_manifest(tmp / "run.json")
 
 

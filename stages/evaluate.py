@@ -11,28 +11,47 @@ from unlearnflow import cli, modeling, tracking
 from unlearnflow.config import ComputeConfig, EvaluateConfig, ModelConfig, load_section
 from unlearnflow.data import splits as split_io
 from unlearnflow.data.tokenize import PromptFormat
-from unlearnflow.errors import UnlearnflowError
+from unlearnflow.errors import DataError, UnlearnflowError
 from unlearnflow.io import atomic_dir, read_jsonl, write_json, write_jsonl
 from unlearnflow.metrics import SuiteOptions, evaluate_splits, relative_metrics
-from unlearnflow.metrics.suite import check_metric_names
+from unlearnflow.metrics.suite import check_metrics
 
 app = cli.stage_app(__doc__)
 
 
 def oracle_rows(reference: str) -> dict[str, list[dict]] | None:
-    """The oracle's per-sample rows from its evaluate output (None for the oracle itself)."""
+    """The oracle's per-sample rows from its evaluate output (None for the oracle itself).
+
+    Each file must be what evaluate writes: JSON objects with an integer ``index`` and the same
+    columns on every row. A hand-edited or truncated file is a one-line ``DataError`` here, not a
+    ``KeyError`` deep inside the relative metrics.
+    """
     if reference == "self":
         return None
     folder = Path(reference)
     files = sorted(folder.glob("*.jsonl"))
     if not files:
         raise UnlearnflowError(f"no oracle per-sample files in {folder} (evaluate the oracle first)")
-    return {f.stem: read_jsonl(f) for f in files}
+    out = {}
+    for f in files:
+        rows = read_jsonl(f)
+        columns = set(rows[0]) if rows else set()
+        for n, row in enumerate(rows, start=1):
+            if not isinstance(row.get("index"), int) or set(row) != columns:
+                differ = ", ".join(sorted(columns ^ set(row))) or "index is not an integer"
+                raise DataError(
+                    f"{f} row {n}: not an oracle per-sample row like row 1 ({differ}); "
+                    "re-run the oracle's evaluate"
+                )
+        out[f.stem] = rows
+    return out
 
 
 @app.command()
 def main(
-    name: str = typer.Argument(..., help="item name: target, oracle or <method>-<optimizer>-<attack>"),
+    name: str = typer.Argument(
+        ..., help="item name: target, oracle or <method>-<optimizer>-s<seed>-<attack>"
+    ),
     model: Path = typer.Option(..., help="model directory to evaluate"),
     splits: Path = typer.Option(..., help="directory written by `prepare`"),
     oracle: str = typer.Option(..., help="the oracle's per-sample directory, or 'self' for the oracle"),
@@ -40,17 +59,19 @@ def main(
     method: str = typer.Option(None, help="method of an unlearned model"),
     optimizer: str = typer.Option(None, help="optimizer of an unlearned model"),
     attack: str = typer.Option(None, help="attack applied to an unlearned model"),
+    seed: int = typer.Option(None, help="unlearn seed of an unlearned model"),
     params: Path = typer.Option(Path("params.yaml"), help="params file"),
 ) -> None:
     """Evaluate MODEL with the benchmark's metric suite; forget quality, privleak and the reference
     attack are measured against the oracle."""
     with cli.user_errors():
         cfg = load_section(params, "evaluate", EvaluateConfig)
-        check_metric_names(cfg.metrics)
+        layout = split_io.read_layout(splits)
+        check_metrics(layout, cfg.metrics)  # before anything loads: the metrics must give every number
         model_cfg = load_section(params, "model", ModelConfig)
         device = modeling.pick_device(load_section(params, "compute", ComputeConfig).device)
         kind = name if name in ("target", "oracle") else "unlearned"
-        info = {"model": kind, "method": method, "optimizer": optimizer, "attack": attack}
+        info = {"model": kind, "method": method, "optimizer": optimizer, "attack": attack, "seed": seed}
         upstream = [model / "run.json", splits / "run.json"]
         with tracking.stage_run(
             "evaluate",
@@ -61,7 +82,6 @@ def main(
         ) as run:
             run.set_tags({k: str(v) for k, v in info.items() if v is not None})
             reference = oracle_rows(oracle)
-            layout = split_io.read_layout(splits)
             tok = modeling.load_tokenizer(model, trust_remote_code=model_cfg.trust_remote_code)
             net = modeling.load_model(model, device=device, trust_remote_code=model_cfg.trust_remote_code)
             data = split_io.read_splits(splits, layout.evaluated())
@@ -78,16 +98,22 @@ def main(
                 ),
             )
             relative = relative_metrics(
-                result, layout, result.per_sample if reference is None else reference, cfg.metrics
+                result,
+                layout,
+                result.per_sample if reference is None else reference,
+                cfg.metrics,
+                oracle_dir=None if reference is None else oracle,
             )
             # An undefined number (no oracle, no such split) is left out, not written as NaN.
             metrics = {k: v for k, v in {**result.aggregates, **relative}.items() if not math.isnan(v)}
-            with atomic_dir(out / "samples") as tmp:
+            # samples/, info.json and metrics.json (DVC outs and metrics) appear together or not at
+            # all: all three go into one temp dir that replaces `out` in a single rename.
+            with atomic_dir(out) as tmp:
                 for split, rows in result.per_sample.items():
-                    write_jsonl(tmp / f"{split}.jsonl", rows)
-                run.write_manifest(tmp / "run.json")
-            write_json(out / "info.json", info)
-            write_json(out / "metrics.json", metrics)
+                    write_jsonl(tmp / "samples" / f"{split}.jsonl", rows)
+                run.write_manifest(tmp / "samples" / "run.json")
+                write_json(tmp / "info.json", info)
+                write_json(tmp / "metrics.json", metrics)
             run.log_metrics(metrics)
             for split in result.per_sample:
                 run.log_artifact(out / "samples" / f"{split}.jsonl", "samples")

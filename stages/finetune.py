@@ -11,7 +11,7 @@ from unlearnflow.config import ComputeConfig, FinetuneConfig, ModelConfig, Track
 from unlearnflow.data import splits as split_io
 from unlearnflow.data.tokenize import PromptFormat, training_examples
 from unlearnflow.errors import UnlearnflowError
-from unlearnflow.io import atomic_dir, link_or_copy_tree, write_jsonl
+from unlearnflow.io import atomic_dir, link_or_copy_tree, write_json, write_jsonl
 from unlearnflow.methods import build_method
 
 app = cli.stage_app(__doc__)
@@ -79,6 +79,7 @@ def main(
                     layout.info[name].kind,
                     max_length=model_cfg.max_length,
                     fmt=PromptFormat(**model_cfg.prompt_kwargs()),
+                    split=name,
                 )
             ]
             for name in layout.train[role]:
@@ -100,7 +101,9 @@ def main(
             with atomic_dir(out) as tmp:
                 modeling.save_pretrained(model, tok, tmp)
                 write_jsonl(tmp / "steps.jsonl", result.rows)
+                write_json(tmp / "health.json", {"flags": result.health})
                 run.write_manifest(tmp / "run.json")
+            run.log_health(result.health)
             run.log_metrics({"final_loss": result.rows[-1]["loss"], "wall_time_s": result.wall_time})
             run.log_checkpoint(out, max_mb)
 

@@ -1,45 +1,64 @@
-"""Stage `report`: one comparison table, summary JSON and trade-off plot over every evaluated model."""
+"""Stage `report`: one comparison table (mean ± sd over seeds), summary JSON and trade-off plot over
+every evaluated model, with the unlearn runs' health flags."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import typer
 
-from unlearnflow import cli, report, tracking
+from unlearnflow import cli, report, spread, tracking
 from unlearnflow.config import AttackConfig, UnlearnConfig, load_section
 from unlearnflow.io import atomic_dir
 
 app = cli.stage_app(__doc__)
+log = logging.getLogger("report")
 
 
 @app.command()
 def main(
     evals: Path = typer.Option(..., help="directory holding one evaluate output per model"),
+    unlearned: Path = typer.Option(..., help="directory holding one unlearn output (health.json) per item"),
     out: Path = typer.Option(..., help="report directory to write"),
     params: Path = typer.Option(Path("params.yaml"), help="params file"),
 ) -> None:
-    """Collect the metrics of target, oracle and every unlearned × attacked model into one report."""
+    """Collect the metrics of target, oracle and every unlearned × attacked model (each seed) into one
+    report."""
     with cli.user_errors():
         unlearn = load_section(params, "unlearn", UnlearnConfig)
         attack = load_section(params, "attack", AttackConfig)
         # Only the models of the current matrix: a stale eval/ folder of a removed method is not reported.
-        names = ["target", "oracle"] + [
-            f"{m}-{o}-{a}" for m in unlearn.methods for o in unlearn.optimizers for a in attack.names
+        items = [
+            (m, o, s, a)
+            for m in unlearn.methods
+            for o in unlearn.optimizers
+            for s in unlearn.seeds
+            for a in attack.names
         ]
+        names = ["target", "oracle"] + [cli.item_name(m, o, s, a) for m, o, s, a in items]
+        health = [None, None] + [unlearned / cli.item_name(m, o, s) / "health.json" for m, o, s, _ in items]
+        # Read and check every input before opening a run: a malformed file is one line, nothing else.
+        rows = report.collect_rows([evals / n for n in names], health)
+        groups = spread.group_rows(rows)
+        comparisons = spread.compare_groups(groups)
         logged = {
-            "unlearn": {"methods": unlearn.methods, "optimizers": unlearn.optimizers},
+            "unlearn": {"methods": unlearn.methods, "optimizers": unlearn.optimizers, "seeds": unlearn.seeds},
             "attack": {"names": attack.names},
         }
         upstream = [evals / n / "samples" / "run.json" for n in names]
         with tracking.stage_run(
             "report", None, experiment=cli.experiment_name(params), params=logged, upstream=upstream
         ) as run:
-            rows = report.collect_rows([evals / n for n in names])
+            flagged = report.flagged_runs(rows)
+            for item, flags in flagged.items():
+                log.warning("unlearn run %s flagged unhealthy: %s", item, "; ".join(flags))
+            if flagged:
+                run.set_tags({"report.flagged_runs": ",".join(flagged)})
             with atomic_dir(out) as tmp:
-                report.write_summary(rows, tmp / "summary.json")
-                report.write_markdown(rows, tmp / "report.md")
-                report.plot_tradeoff(rows, tmp / "tradeoff.png")
+                report.write_summary(rows, groups, comparisons, tmp / "summary.json")
+                report.write_markdown(rows, groups, comparisons, tmp / "report.md")
+                report.plot_tradeoff(groups, tmp / "tradeoff.png")
                 run.write_manifest(tmp / "run.json")
             for name in ("summary.json", "report.md", "tradeoff.png"):
                 run.log_artifact(out / name)

@@ -10,7 +10,7 @@ from unlearnflow import cli, modeling, tracking, train
 from unlearnflow.config import ComputeConfig, ModelConfig, TrackingConfig, UnlearnConfig, load_section
 from unlearnflow.data import splits as split_io
 from unlearnflow.data.tokenize import PromptFormat, training_examples
-from unlearnflow.io import atomic_dir, write_jsonl
+from unlearnflow.io import atomic_dir, write_json, write_jsonl
 from unlearnflow.methods import build_method
 from unlearnflow.optim import parse_optimizer_args
 
@@ -24,22 +24,26 @@ def main(
     model: Path = typer.Option(..., help="target model directory"),
     splits: Path = typer.Option(..., help="directory written by `prepare`"),
     out: Path = typer.Option(..., help="unlearned model directory to write"),
+    seed: int = typer.Option(0, help="this item's seed (one of unlearn.seeds): torch seed and data order"),
     params: Path = typer.Option(Path("params.yaml"), help="params file"),
 ) -> None:
     """Unlearn MODEL on the forget split (retain split alongside) and save the result."""
     with cli.user_errors():
-        cfg = load_section(params, "unlearn", UnlearnConfig)
+        # The seed comes from the matrix item, not from the seeds list (not a dep of each item).
+        cfg = load_section(params, "unlearn", UnlearnConfig).with_seed(seed)
         model_cfg = load_section(params, "model", ModelConfig)
         device = modeling.pick_device(load_section(params, "compute", ComputeConfig).device)
         max_mb = load_section(params, "tracking", TrackingConfig).artifact_max_mb
         algo = build_method(method, cfg.method_args.get(method))
         parse_optimizer_args(optimizer, cfg.optimizer_args.get(optimizer))  # fail before loading anything
         logged = {
-            "unlearn": cfg.model_dump(exclude={"methods", "optimizers", "method_args", "optimizer_args"}),
+            "unlearn": cfg.model_dump(
+                exclude={"methods", "optimizers", "seeds", "method_args", "optimizer_args"}
+            ),
             "method": {"name": method, **algo.args.model_dump()},
             "optimizer": {"name": optimizer, **cfg.optimizer_args.get(optimizer, {})},
         }
-        item = f"{method}-{optimizer}"
+        item = cli.item_name(method, optimizer, seed)
         upstream = [model / "run.json", splits / "run.json"]
         with tracking.stage_run(
             "unlearn", item, experiment=cli.experiment_name(params), params=logged, upstream=upstream
@@ -56,6 +60,7 @@ def main(
                     layout.info[name].kind,
                     max_length=model_cfg.max_length,
                     fmt=PromptFormat(**model_cfg.prompt_kwargs()),
+                    split=name,
                 )
                 for stream, name in sources.items()
             }
@@ -77,7 +82,9 @@ def main(
             with atomic_dir(out) as tmp:
                 modeling.save_pretrained(net, tok, tmp)
                 write_jsonl(tmp / "steps.jsonl", result.rows)
+                write_json(tmp / "health.json", {"flags": result.health})  # read by the report
                 run.write_manifest(tmp / "run.json")
+            run.log_health(result.health)
             run.log_metrics({"wall_time_s": result.wall_time, "steps": float(result.steps)})
             if result.stopped_early:
                 run.set_tags({"unlearn.stopped_early": result.stopped_early})

@@ -555,10 +555,10 @@ def test_muse_local_layout_with_icl(tmp_path: Path) -> None:
     assert bench.splits["knowmem_forget"][0] == {
         "question": "Who won?",
         "answer": "Ann",
-        "context": "Question: F1?\nAnswer: f1\n\nQuestion: F2?\nAnswer: f2\n\n",
+        "few_shot": [{"question": "F1?", "answer": "f1"}, {"question": "F2?", "answer": "f2"}],
     }
     assert bench.splits["knowmem_retain"] == [
-        {"question": "Where?", "answer": "Oslo", "context": "Question: R1?\nAnswer: r1\n\n"}
+        {"question": "Where?", "answer": "Oslo", "few_shot": [{"question": "R1?", "answer": "r1"}]}
     ]
     assert bench.splits["privleak_holdout"] == [{"text": "leak holdout"}]
     assert bench.meta["parts"]["raw_retain"] == "raw/retain1 + raw/retain2"
@@ -579,7 +579,7 @@ def test_muse_without_icl_single_retain_and_zero_shot_flag(tmp_path: Path, caplo
 
     icl_root = make_muse(tmp_path / "with_icl")
     off = muse.load(BenchmarkConfig(name="muse", source=str(icl_root), muse={"knowmem_few_shot": False}))
-    assert all("context" not in r for r in off.splits["knowmem_forget"] + off.splits["knowmem_retain"])
+    assert all("few_shot" not in r for r in off.splits["knowmem_forget"] + off.splits["knowmem_retain"])
 
 
 def test_muse_missing_parts(tmp_path: Path) -> None:
@@ -620,10 +620,154 @@ def test_muse_from_hub_id(fake_hub) -> None:
     bench = muse.load(BenchmarkConfig(name="muse", source="muse-bench/MUSE-News"))
 
     assert bench.splits["raw_retain"] == [{"text": "r1"}, {"text": "r2"}]
-    assert bench.splits["knowmem_retain"][0]["context"] == "Question: iq\nAnswer: ia\n\n"
+    assert bench.splits["knowmem_retain"][0]["few_shot"] == [{"question": "iq", "answer": "ia"}]
     assert ("muse-bench/MUSE-News", "raw", "retain") in hub.calls  # tried first, then retain1 + retain2
     assert {(c, s) for _, c, s in hub.calls} == set(tables) | {("raw", "retain")}
     check_serialisable(bench)
+
+
+def _muse_generations(monkeypatch: pytest.MonkeyPatch) -> list[tuple[list[list[int]], int, tuple]]:
+    """Replace the suite's greedy generation with a recorder of (prompts, max_new_tokens, stops)."""
+    from unlearnflow.metrics import suite
+
+    calls: list[tuple[list[list[int]], int, tuple]] = []
+
+    def record(model, tok, prompts, *, max_new_tokens, batch_size, device, stop_strings=()):
+        calls.append(([list(p) for p in prompts], max_new_tokens, tuple(stop_strings)))
+        return [""] * len(prompts)
+
+    monkeypatch.setattr(suite, "generate_greedy", record)
+    return calls
+
+
+def _loss(model, ids: list[int], labels: list[int]) -> float:
+    """The model's own mean NLL over the labelled (shifted) positions: an independent avgNLL."""
+    import torch
+
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([ids]), labels=torch.tensor([labels])).loss.item()
+
+
+def test_muse_is_evaluated_as_the_reference(tmp_path: Path, sharp_model, tiny_tokenizer, monkeypatch, caplog):
+    """open-unlearning's MUSE eval on hand-made MUSE data:
+
+    * privleak texts (CompletionDataset, max_length 2048 of text): ``[bos] text``, every text token
+      scored, no EOS, cut at ``text_max_length`` target tokens and never at ``model.max_length``
+      (here 4, shorter than the text): avgNLL = the model's loss on exactly those labels;
+    * verbmem (insert_space, no EOS): ``[bos] "Once upon"`` then ``" a time"`` scored, and
+      ``exact_memorization`` / ``extraction_strength`` run on it; EM = mean argmax hits over the
+      continuation's tokens (none left out: no EOS);
+    * knowmem: the prompt keeps both ICL examples and ends with "Answer: " (the reference's tags
+      "Question: " / "\\n" / "Answer: " / "\\n\\n"), 32 new tokens, MUSE's stop words; verbmem 128.
+    """
+    import torch
+
+    from unlearnflow.data.tokenize import IGNORE_INDEX
+    from unlearnflow.metrics import SuiteOptions, evaluate_splits
+    from unlearnflow.metrics.suite import KNOWMEM_STOPS
+
+    tok = tiny_tokenizer
+    bench = muse.load(BenchmarkConfig(name="muse", source=str(make_muse(tmp_path))))
+    calls = _muse_generations(monkeypatch)
+    metrics = ["knowmem", "verbmem", "exact_memorization", "extraction_strength", "mia_loss", "mia_min_k"]
+
+    def ids(text: str) -> list[int]:
+        return tok(text, add_special_tokens=False)["input_ids"]
+
+    def run(text_max_length: int):
+        opts = SuiteOptions(batch_size=4, max_length=4, text_max_length=text_max_length)
+        return evaluate_splits(
+            sharp_model, tok, bench.splits, bench.layout, metrics=metrics, device="cpu", opts=opts
+        )
+
+    res = run(2048)
+    bos = tok.bos_token_id
+    for rec in res.per_sample["privleak_forget"]:
+        text = ids(rec["text"])
+        assert 1 + len(text) > 4  # model.max_length would have cut it
+        assert rec["nll"] == pytest.approx(_loss(sharp_model, [bos, *text], [IGNORE_INDEX, *text]), abs=1e-5)
+
+    prompt, cont = ids("Once upon"), ids(" a time")
+    rec = res.per_sample["verbmem_forget"][0]
+    full, labels = [bos, *prompt, *cont], [IGNORE_INDEX] * (1 + len(prompt)) + cont
+    assert rec["nll"] == pytest.approx(_loss(sharp_model, full, labels), abs=1e-5)
+    with torch.no_grad():
+        pred = sharp_model(torch.tensor([full])).logits[0, :-1].argmax(-1)[len(prompt) :]
+    assert rec["exact_memorization"] == pytest.approx((pred == torch.tensor(cont)).float().mean().item())
+    assert {"verbmem_forget_exact_memorization", "verbmem_forget_extraction_strength"} <= set(res.aggregates)
+    assert 0.0 <= res.aggregates["verbmem_forget_extraction_strength"] <= 1.0
+
+    forget_icl = "Question: F1?\nAnswer: f1\n\nQuestion: F2?\nAnswer: f2\n\nQuestion: Who won?\nAnswer: "
+    retain_icl = "Question: R1?\nAnswer: r1\n\nQuestion: Where?\nAnswer: "
+    assert calls == [  # layout order: verbmem_forget, knowmem_forget, knowmem_retain
+        ([[bos, *prompt]], 128, ()),
+        ([[bos, *ids(forget_icl)]] * 2, 32, KNOWMEM_STOPS),
+        ([[bos, *ids(retain_icl)]], 32, KNOWMEM_STOPS),
+    ]
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="unlearnflow.data.tokenize"):
+        cut = run(2)
+    texts = [ids(r["text"]) for r in bench.splits["privleak_forget"]]
+    for rec, text in zip(cut.per_sample["privleak_forget"], texts, strict=True):
+        assert rec["nll"] == pytest.approx(
+            _loss(sharp_model, [bos, *text[:2]], [IGNORE_INDEX, *text[:2]]), abs=1e-5
+        )
+    assert (
+        f"split privleak_forget: 2 of 2 targets cut to max_length=2 (longest {max(map(len, texts))} tokens)"
+        in [r.getMessage() for r in caplog.records]
+    )
+
+
+def test_muse_plain_text_trains_without_eos(tmp_path: Path, tiny_tokenizer) -> None:
+    """Raw corpora (the reference's PretrainingDataset) and continuations train as plain text:
+    ``[bos] text`` and ``[bos] prompt " " gt``, no EOS."""
+    from unlearnflow.data.tokenize import IGNORE_INDEX, training_examples
+
+    tok = tiny_tokenizer
+    bench = muse.load(BenchmarkConfig(name="muse", source=str(make_muse(tmp_path))))
+
+    def ids(text: str) -> list[int]:
+        return tok(text, add_special_tokens=False)["input_ids"]
+
+    windows = training_examples(tok, bench.splits["raw_forget"], "text", max_length=64)
+    assert [w["input_ids"] for w in windows] == [
+        [tok.bos_token_id, *ids("forget doc one")],
+        [tok.bos_token_id, *ids("forget doc two")],
+    ]
+    (ex,) = training_examples(tok, bench.splits["verbmem_forget"], "completion", max_length=64)
+    prompt = [tok.bos_token_id, *ids("Once upon")]
+    assert ex["input_ids"] == [*prompt, *ids(" a time")]
+    assert ex["labels"] == [IGNORE_INDEX] * len(prompt) + ids(" a time")
+
+
+def test_generation_cap_defaults_to_the_benchmarks(tmp_path: Path, sharp_model, tiny_tokenizer, monkeypatch):
+    """TOFU and custom QA carry the reference's 200 new tokens in their layout (manifest round trip
+    included); ``max_new_tokens: None`` in the suite takes the layout's cap, a number overrides it."""
+    from unlearnflow.data.benchmark import Layout
+    from unlearnflow.metrics import SuiteOptions, evaluate_splits
+
+    bench = tofu.load(tofu_cfg(write_configs(tmp_path, tofu_configs(), "json")))
+    assert bench.layout.max_new_tokens == 200
+    assert Layout.from_manifest(json.loads(json.dumps(bench.to_manifest()))).max_new_tokens == 200
+    forget = write_jsonl(tmp_path / "f.jsonl", qa("f", 2))
+    retain = write_jsonl(tmp_path / "r.jsonl", qa("r", 2))
+    assert custom.load(custom_cfg(forget, retain)).layout.max_new_tokens == 200
+
+    calls = _muse_generations(monkeypatch)
+    layout = Layout(**{**bench.layout.__dict__, "max_new_tokens": 7})
+    for cap, want in ((None, 7), (5, 5)):
+        calls.clear()
+        evaluate_splits(
+            sharp_model,
+            tiny_tokenizer,
+            bench.splits,
+            layout,
+            metrics=["rouge"],
+            device="cpu",
+            opts=SuiteOptions(batch_size=8, max_new_tokens=cap),
+        )
+        assert calls and {c[1] for c in calls} == {want}
 
 
 # --- WMDP ---------------------------------------------------------------------------------------------

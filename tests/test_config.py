@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import yaml
 from helpers import ROOT, load_stage
@@ -10,10 +12,12 @@ from typer.testing import CliRunner
 from unlearnflow.config import (
     AttackConfig,
     BenchmarkConfig,
+    EvaluateConfig,
     UnlearnConfig,
     declared_keys,
     load_section,
     parse_section,
+    validate_params,
 )
 from unlearnflow.errors import ConfigError
 
@@ -164,3 +168,68 @@ def test_finetune_adopts_a_ready_checkpoint_without_training(
     (ready / "model.safetensors").unlink()
     result = CliRunner().invoke(finetune.app, args)
     assert result.exit_code == 2 and "no *.safetensors weights" in result.output
+
+
+def _params_with(tmp_path, edit) -> Path:
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    edit(params)
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("edit", "expected"),
+    [
+        (lambda p: p["unlearn"].update(lr_typo=1), "unknown key unlearn.lr_typo; allowed keys here: "),
+        (lambda p: p.update(unleanr={"lr": 1}), "unknown section unleanr; allowed sections here: attack, "),
+        (lambda p: p["finetune"].update(lr=-1), "bad value for finetune.lr: -1"),
+        (lambda p: p["attack"]["noise"].update(sigmaa=1), "unknown key attack.noise.sigmaa"),
+        (lambda p: p.update(compute=3), "bad value for compute: 3"),
+    ],
+)
+def test_every_section_load_validates_the_whole_file(tmp_path, edit, expected):
+    """A typo in a section the caller does not read still fails its load (evaluate loading
+    ``evaluate`` fails on ``unlearn.lr_typo``), so no stage runs on a file with a typo in it."""
+    path = _params_with(tmp_path, edit)
+    with pytest.raises(ConfigError) as err:
+        load_section(path, "evaluate", EvaluateConfig)
+    assert str(err.value).startswith(expected) and "\n" not in str(err.value)
+
+
+def test_whole_file_check_accepts_valid_files(tmp_path):
+    """An empty section (``tracking:``), a missing one, and the free-form per-name args of the
+    matrix (``unlearn.method_args.<name>``, also for a method not listed) are all valid."""
+
+    def edit(p):
+        p["tracking"] = None
+        del p["compute"]
+        p["unlearn"]["method_args"]["some_method"] = {"beta": 0.1}
+
+    path = _params_with(tmp_path, edit)
+    assert load_section(path, "evaluate", EvaluateConfig) == EvaluateConfig.model_validate(
+        yaml.safe_load((ROOT / "params.yaml").read_text())["evaluate"]
+    )
+    assert set(validate_params(path)) == set(yaml.safe_load(path.read_text()))
+
+
+def test_check_params_stage(tmp_path):
+    """Valid params write a marker whose bytes do not depend on the values (so prepare, which
+    depends on it, does not rerun on a valid edit); a typo exits 2 with one line and removes it."""
+    stage = load_stage("check_params")
+    out = tmp_path / "checked.json"
+
+    def run(edit):
+        return CliRunner().invoke(
+            stage.app, ["--out", str(out), "--params", str(_params_with(tmp_path, edit))]
+        )
+
+    assert run(lambda p: None).exit_code == 0
+    first = out.read_bytes()
+    assert run(lambda p: p["unlearn"].update(lr=0.5)).exit_code == 0
+    assert out.read_bytes() == first
+    result = run(lambda p: p["unlearn"].update(lr_typo=1))
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 2 and len(lines) == 1, result.output
+    assert lines[0].startswith("error: unknown key unlearn.lr_typo")
+    assert not out.exists()

@@ -37,10 +37,11 @@ SHRINK = {
         },
     },
     "finetune": {"epochs": 3, "batch_size": 16, "warmup_steps": 2, "log_every": 1},
-    "unlearn": {"epochs": 1, "batch_size": 4},
+    "unlearn": {"epochs": 1, "batch_size": 4, "seeds": [0, 1]},  # two seeds: the seed axis, cheaply
     "evaluate": {"max_new_tokens": 8},
 }
 METHODS = ("grad_ascent", "grad_diff")
+SEEDS = (0, 1)
 ATTACKS = ("none", "noise")
 MIA_AUCS = ("mia_loss", "mia_zlib", "mia_min_k", "mia_min_k_pp", "mia_grad_norm", "mia_reference")
 
@@ -96,16 +97,26 @@ def repo(tmp_path_factory):
     return repo, env, dvc, out
 
 
+def unlearn_names() -> list[str]:
+    return [f"{m}-adamw-s{s}" for m in METHODS for s in SEEDS]
+
+
 def item_names() -> list[str]:
-    return [f"{m}-adamw-{a}" for m in METHODS for a in ATTACKS]
+    return [f"{u}-{a}" for u in unlearn_names() for a in ATTACKS]
 
 
 def test_repro_writes_the_report(repo):
     path, _, _, _ = repo
-    rows = json.loads((path / "reports" / "summary.json").read_text())
+    summary = json.loads((path / "reports" / "summary.json").read_text())
+    rows = summary["runs"]
     assert [r["model"] for r in rows[:2]] == ["target", "oracle"]
-    unlearned = {(r["method"], r["optimizer"], r["attack"]) for r in rows[2:]}
-    assert unlearned == {(m, "adamw", a) for m in METHODS for a in ATTACKS}
+    unlearned = [(r["method"], r["optimizer"], r["attack"], r["seed"]) for r in rows[2:]]
+    assert sorted(unlearned) == sorted((m, "adamw", a, s) for m in METHODS for a in ATTACKS for s in SEEDS)
+    groups = summary["groups"][2:]
+    assert {(g["method"], g["attack"], g["n"]) for g in groups} == {
+        (m, a, 2) for m in METHODS for a in ATTACKS
+    }
+    assert all(g["health_recorded"] == 2 for g in groups)  # every unlearn item wrote health.json
     for row in rows:
         for split in ("forget", "retain", "real_authors", "world_facts"):
             for metric in ("prob", "rouge", "truth_ratio"):
@@ -138,8 +149,8 @@ def test_metrics_and_per_sample_files(repo):
     for model in (
         "models/target",
         "models/oracle",
-        "unlearned/grad_ascent-adamw",
-        "attacked/grad_diff-adamw-noise",
+        "unlearned/grad_ascent-adamw-s1",
+        "attacked/grad_diff-adamw-s0-noise",
     ):
         assert (path / model / "model.safetensors").exists(), model
     # Target and oracle share one tokenizer: it is trained deterministically from the same corpus.
@@ -165,16 +176,20 @@ def test_mlflow_has_a_finished_run_per_stage_item(repo):
         "evaluate-oracle",
         "report",
     }
-    expected |= {f"unlearn-{m}-adamw" for m in METHODS}
+    expected |= {f"unlearn-{u}" for u in unlearn_names()}
     expected |= {f"attack-{n}" for n in item_names()} | {f"evaluate-{n}" for n in item_names()}
     assert expected <= by_name.keys()
     assert all(r.info.status == "FINISHED" for r in runs)
-    unlearn = by_name["unlearn-grad_diff-adamw"]
-    assert unlearn.data.tags["dvc.stage"] == "unlearn@grad_diff-adamw"
+    unlearn = by_name["unlearn-grad_diff-adamw-s1"]
+    assert unlearn.data.tags["unlearnflow.item"] == "grad_diff-adamw-s1"
+    # The tag is DVC's own stage name, so a run can be found from `dvc exp show` / `dvc.lock`.
+    assert unlearn.data.tags["dvc.stage"] == "unlearn@grad_diff-adamw-1"
+    assert by_name["evaluate-target"].data.tags["dvc.stage"] == "evaluate_base@target"
+    assert unlearn.data.params["unlearn.seed"] == "1"
     assert unlearn.data.tags["upstream.finetune-target"] == by_name["finetune-target"].info.run_id
     assert unlearn.data.params["method.alpha"] == "1.0"
     assert len(client.get_metric_history(unlearn.info.run_id, "loss")) >= 1
-    evaluation = by_name["evaluate-grad_diff-adamw-none"]
+    evaluation = by_name["evaluate-grad_diff-adamw-s0-none"]
     assert "forget_quality" in evaluation.data.metrics
     assert len(by_name["prepare"].inputs.dataset_inputs) >= 5
 
@@ -185,8 +200,51 @@ def test_exp_run_reruns_only_what_changed(repo):
     assert "Stage 'prepare' didn't change, skipping" in out
     assert "Stage 'finetune@target' didn't change, skipping" in out
     assert "Stage 'evaluate_base@oracle' didn't change, skipping" in out
-    assert "Running stage 'unlearn@grad_ascent-adamw'" in out
+    assert "Running stage 'unlearn@grad_ascent-adamw-0'" in out  # DVC names items from the values
     text = sh([*dvc, "exp", "show", "--json"], path, env)
     for name in item_names():
         assert f"eval/{name}/metrics.json" in text
     assert "forget_quality" in text and "model_utility" in text
+
+
+def test_queued_experiments_track_into_the_project_store(repo):
+    """Two queued experiments run by two workers both track into the repo's own mlflow.db.
+
+    `dvc queue start` runs each experiment in a temporary clone under `.dvc/tmp/exps/` that is
+    deleted afterwards; before, each tracked into the clone's mlflow.db and the runs were lost.
+    Cheap: the repro results are committed (a clone holds only git-tracked files, so it reuses the
+    cached upstream outputs through dvc.lock) and only the `unlearn` stage is targeted.
+    """
+    import time
+
+    from mlflow.tracking import MlflowClient
+
+    path, env, dvc, _ = repo
+    sh(["git", "add", "-A"], path, env)
+    sh(["git", "commit", "-qm", "repro results"], path, env)
+    lrs = {"queued-lr-a": "0.0002", "queued-lr-b": "0.0004"}
+    for name, lr in lrs.items():
+        sh([*dvc, "exp", "run", "--queue", "--name", name, "-S", f"unlearn.lr={lr}", "unlearn"], path, env)
+    sh([*dvc, "queue", "start", "-j", "2"], path, env)
+    deadline = time.monotonic() + 900
+    while True:  # `dvc queue status`: "<task> <name> <created> <status>" per experiment
+        rows = [line.split() for line in sh([*dvc, "queue", "status"], path, env).splitlines()]
+        status = {row[1]: row[-1] for row in rows if len(row) >= 4 and row[1] in lrs}
+        if set(status) == set(lrs) and all(s not in ("Queued", "Running") for s in status.values()):
+            break
+        assert time.monotonic() < deadline, f"queue still busy after 15 min: {status}"
+        time.sleep(5)
+    assert status == dict.fromkeys(lrs, "Success"), sh([*dvc, "queue", "logs", next(iter(lrs))], path, env)
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{path / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("unlearnflow-synthetic")
+    assert experiment.artifact_location == (path.resolve() / "mlruns").as_uri()
+    for name, lr in lrs.items():
+        runs = client.search_runs(
+            [experiment.experiment_id], filter_string=f"tags.`dvc.exp_name` = '{name}'", max_results=100
+        )
+        unlearn = [r for r in runs if r.data.tags["unlearnflow.stage"] == "unlearn"]
+        assert {r.data.tags["unlearnflow.item"] for r in unlearn} == set(unlearn_names()), name
+        assert all(r.info.status == "FINISHED" for r in runs), name
+        assert all(r.data.params["unlearn.lr"] == lr for r in unlearn), name
+        assert all(r.data.tags["dvc.exp_baseline_rev"] for r in runs), name

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import zlib
 
 import numpy as np
 import pytest
@@ -29,6 +30,63 @@ def test_truth_ratio_uses_geometric_mean_of_wrong_probs():
     Row 1: wrong P = [1, 0.25] → geometric mean 0.5 (not the arithmetic 0.625); P_c = 0.25 → tr = 2."""
     got = tofu.truth_ratio(np.array([LN2, LN4]), np.array([[LN4, LN4], [0.0, LN4]]))
     np.testing.assert_allclose(got, [0.5, 2.0])
+
+
+E25, E255 = math.exp(-25.0), math.exp(-25.5)  # probabilities of a collapsed model (avgNLL 25, 25.5)
+
+
+def test_truth_ratio_collapsed_model_reference_guard():
+    """Correct avgNLL 25, wrong 25.5 (a gradient-ascent-collapsed model).
+    reference: P_w / (P_c + 1e-10) = e^−25.5 / (e^−25 + 1e-10) = 8.4235e-12 / 1.13888e-10 = 0.073963;
+    unlearnflow: exp(25 − 25.5) = e^−0.5 = 0.60653. Forget aggregate min(tr, 1/(tr + guard)) follows:
+    0.073963 vs 0.60653."""
+    nll_c, nll_w = np.array([25.0]), np.array([[25.5]])
+    ref = tofu.truth_ratio(nll_c, nll_w)  # the default is the reference's definition
+    ours = tofu.truth_ratio(nll_c, nll_w, definitions="unlearnflow")
+    assert ref[0] == pytest.approx(E255 / (E25 + 1e-10), rel=1e-12)
+    assert ref[0] == pytest.approx(0.0739627, rel=1e-6)
+    assert ours[0] == pytest.approx(math.exp(-0.5), rel=1e-12)
+    assert tofu.truth_ratio_forget(ref) == pytest.approx(0.0739627, rel=1e-6)
+    assert tofu.truth_ratio_forget(ours, definitions="unlearnflow") == pytest.approx(0.6065307, rel=1e-6)
+
+
+def test_truth_ratio_healthy_model_definitions_agree_to_1e10():
+    """avgNLL ~1: P ~ 0.37, so the 1e-10 guard moves tr by ~1e-10 relative (parity on healthy models).
+    Rows: exp(ln2 − ln4) = 0.5 and exp(1 − 1.5) = e^−0.5."""
+    nll_c, nll_w = np.array([LN2, 1.0]), np.array([[LN4, LN4], [1.0, 2.0]])
+    ref = tofu.truth_ratio(nll_c, nll_w)
+    ours = tofu.truth_ratio(nll_c, nll_w, definitions="unlearnflow")
+    np.testing.assert_allclose(ours, [0.5, math.exp(-0.5)], rtol=1e-12)
+    np.testing.assert_allclose(ref, ours, rtol=1e-9)
+    assert not np.array_equal(ref, ours)  # the guard is there, just tiny
+
+
+def test_truth_ratio_forget_reference_guard_keeps_a_zero_tr_finite():
+    """A guarded tr can be exactly 0 (P_wrong underflows: avgNLL 800 → e^−800 = 0 in float64):
+    the reference's min(tr, 1/(tr + 1e-10)) = min(0, 1e10) = 0, with no division by zero."""
+    tr = tofu.truth_ratio(np.array([1.0]), np.array([[800.0]]))
+    assert tr[0] == 0.0
+    with np.errstate(divide="raise"):
+        assert tofu.truth_ratio_forget(tr) == 0.0
+
+
+def test_normalized_option_prob_collapsed_model_reference_guard():
+    """Correct and two wrong options all at avgNLL 25 (P = e^−25 = 1.3888e-11 each).
+    reference: P_c / (P_c + ΣP_w + 1e-10) = 1.3888e-11 / 1.41664e-10 = 0.098035;
+    unlearnflow: 1/3."""
+    nll_c, nll_w = np.array([25.0]), np.array([[25.0, 25.0]])
+    ref = tofu.normalized_option_prob(nll_c, nll_w)
+    ours = tofu.normalized_option_prob(nll_c, nll_w, definitions="unlearnflow")
+    assert ref[0] == pytest.approx(E25 / (3 * E25 + 1e-10), rel=1e-12)
+    assert ref[0] == pytest.approx(0.0980345, rel=1e-6)
+    assert ours[0] == pytest.approx(1 / 3, rel=1e-12)
+
+
+def test_unknown_definitions_are_rejected():
+    with pytest.raises(ValueError, match="reference, unlearnflow"):
+        tofu.truth_ratio(np.zeros(1), np.zeros((1, 1)), definitions="tofu")
+    with pytest.raises(ValueError, match="reference, unlearnflow"):
+        memorization.extraction_strength(np.array([True]), definitions="tofu")
 
 
 def test_truth_ratio_rejects_bad_shapes():
@@ -98,20 +156,43 @@ def test_exact_memorization_is_the_fraction_of_argmax_hits():
 
 
 @pytest.mark.parametrize(
-    ("correct", "expected"),
+    ("correct", "reference", "unlearnflow"),
     [
-        ([True, True, True], 1.0),  # k = 0: the whole answer is reproduced
-        ([False, True, True], 2 / 3),  # k = 1
-        ([False, False, True, True], 0.5),  # k = 2
-        ([True, False, True, True], 0.5),  # a miss in the middle: the suffix starts after it
-        ([True, True, False], 0.0),  # last token wrong: k = |y| (open-unlearning would give 1/3)
+        ([True, True, True], 1.0, 1.0),  # k = 0: the whole answer is reproduced
+        ([False, True, True], 2 / 3, 2 / 3),  # k = 1
+        ([False, False, True, True], 0.5, 0.5),  # k = 2
+        ([True, False, True, True], 0.5, 0.5),  # a miss in the middle: the suffix starts after it
+        ([False, True, False, True], 0.25, 0.25),  # only the last token reproduced: k = 3
+        # last token wrong: the reference's loop leaves k = |y| − 1 → 1/|y|; by the definition k = |y| → 0
+        ([True, True, False], 1 / 3, 0.0),
+        ([False] * 4, 1 / 4, 0.0),
+        ([False], 1.0, 0.0),  # |y| = 1: the reference's k stays 0 → ES = 1
     ],
 )
-def test_extraction_strength_hand_values(correct, expected):
-    assert memorization.extraction_strength(np.array(correct)) == pytest.approx(expected)
+def test_extraction_strength_hand_values(correct, reference, unlearnflow):
+    """ES = 1 − k/|y|; the two definitions differ exactly when the last token is wrong."""
+    assert memorization.extraction_strength(np.array(correct)) == pytest.approx(reference)
+    assert memorization.extraction_strength(np.array(correct), definitions="unlearnflow") == pytest.approx(
+        unlearnflow
+    )
+
+
+def test_extraction_strength_of_an_empty_target():
+    """The reference appends score 0 for a target without tokens; ours is undefined (NaN)."""
+    assert memorization.extraction_strength(np.zeros(0, bool)) == 0.0
+    assert math.isnan(memorization.extraction_strength(np.zeros(0, bool), definitions="unlearnflow"))
 
 
 # --- membership inference ---------------------------------------------------------------------
+
+
+def test_zlib_score_of_a_leading_space_text():
+    """zlib.compress(b" Paris.") is 15 bytes, b"Paris." 14: the reference compresses the decoded
+    label tokens, which keep the answer's leading space, so its score is −avgNLL/15, ours −avgNLL/14."""
+    assert len(zlib.compress(b" Paris.")) == 15 and len(zlib.compress(b"Paris.")) == 14
+    np.testing.assert_allclose(
+        mia.zlib_score(np.array([3.0, 3.0]), [" Paris.", "Paris."]), [-3 / 15, -3 / 14]
+    )
 
 
 def test_loss_zlib_and_reference_scores():

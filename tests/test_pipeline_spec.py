@@ -1,6 +1,10 @@
-"""dvc.yaml declares, for each stage, the params keys its config reads (so DVC re-runs on change)."""
+"""dvc.yaml declares, for each stage, the params keys its config reads and the code it imports (so DVC
+re-runs on change)."""
 
 from __future__ import annotations
+
+import ast
+from pathlib import Path
 
 import pytest
 import yaml
@@ -17,7 +21,9 @@ from unlearnflow.config import (
     UnlearnConfig,
     declared_keys,
     load_section,
+    parse_section,
 )
+from unlearnflow.errors import ConfigError
 from unlearnflow.methods import METHODS
 from unlearnflow.optim import OPTIMIZERS
 
@@ -45,7 +51,12 @@ READS = {
     ],
     "unlearn": [
         # The matrix lists only shape dvc.yaml; method/optimizer args are declared per item below.
-        ("unlearn", UnlearnConfig, {"methods", "optimizers", "method_args", "optimizer_args"}),
+        # The seed arrives on the command line from the matrix (test_seed_axis_*), not as a param.
+        (
+            "unlearn",
+            UnlearnConfig,
+            {"methods", "optimizers", "seeds", "seed", "method_args", "optimizer_args"},
+        ),
         ("model", ModelConfig, {"base", "target", "oracle", "scratch"}),
         ("compute", ComputeConfig, set()),
     ],
@@ -62,6 +73,38 @@ def test_declared_params_cover_every_field_read(stage):
             if key.split(".")[1] in unread:
                 continue
             assert covered(key, declared), f"{stage} reads {key} but dvc.yaml does not declare it"
+
+
+SEEDED = ("unlearn", "attack", "evaluate")
+
+
+@pytest.mark.parametrize("stage", SEEDED)
+def test_seed_axis_is_a_matrix_item_on_the_command_line(stage):
+    """Each seed of unlearn.seeds is one item: its seed reaches the script as --seed and names its
+    directories ``-s<seed>``; the list itself is no params dep (a new seed must not rerun the others)."""
+    body = DVC[stage]
+    assert body["matrix"]["seed"] == "${unlearn.seeds}"
+    assert "--seed ${item.seed}" in body["cmd"]
+    outs = [o if isinstance(o, str) else next(iter(o)) for o in [*body["outs"], *body.get("metrics", [])]]
+    assert outs and all("${item.method}-${item.optimizer}-s${item.seed}" in o for o in outs), outs
+    assert not any(p.startswith("unlearn.seed") for p in stage_params(stage))
+
+
+def test_report_reads_every_seed_and_the_health_files():
+    assert "unlearn.seeds" in stage_params("report")
+    assert "unlearned" in DVC["report"]["deps"] and "--unlearned unlearned" in DVC["report"]["cmd"]
+
+
+def test_unlearn_seed_is_a_list_of_distinct_seeds():
+    params = load_section(ROOT / "params.yaml", "unlearn", UnlearnConfig)
+    assert len(params.seeds) >= 3  # results are mean ± spread over ≥ 3 seeds
+    assert params.with_seed(7).seed == 7 and params.with_seed(7).seeds == params.seeds
+    with pytest.raises(ConfigError, match=r"^unlearn\.seed is replaced by unlearn\.seeds"):
+        parse_section({"seed": 1}, "unlearn", UnlearnConfig)
+    with pytest.raises(ConfigError, match=r"unlearn\.seeds: \[0, 0\]: .*distinct"):
+        parse_section({"seeds": [0, 0]}, "unlearn", UnlearnConfig)
+    with pytest.raises(ConfigError, match=r"unlearn\.seeds"):
+        parse_section({"seeds": []}, "unlearn", UnlearnConfig)
 
 
 def test_matrix_items_declare_their_own_args():
@@ -86,3 +129,106 @@ def test_every_stage_lists_its_script():
         body = stage.get("do", stage)
         script = body["cmd"].split()[1]
         assert script in body["deps"], f"{name}: {script} not among deps"
+
+
+SRC = ROOT / "src"
+
+
+def module_file(name: str) -> Path | None:
+    """The source file of module ``name`` (``a.b`` → src/a/b.py or src/a/b/__init__.py), else None."""
+    base = SRC.joinpath(*name.split("."))
+    for path in (base.with_suffix(".py"), base / "__init__.py"):
+        if path.is_file():
+            return path
+    return None
+
+
+def imported_modules(path: Path, package: str) -> set[str]:
+    """The ``unlearnflow`` modules the source file ``path`` imports anywhere (function bodies too).
+
+    ``package`` resolves relative imports. ``from a.b import c`` counts ``a.b.c`` when it is a module
+    (else ``c`` is a name in ``a.b``); importing ``a.b.c`` runs ``a`` and ``a.b`` too, so parents count.
+    """
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            mod = node.module or ""
+            if node.level:
+                parts = package.split(".")
+                mod = ".".join([*parts[: len(parts) - node.level + 1], *([mod] if mod else [])])
+            names = [mod, *(f"{mod}.{a.name}" for a in node.names)]
+        else:
+            continue
+        for name in names:
+            if name.split(".")[0] == "unlearnflow" and module_file(name):
+                parts = name.split(".")
+                found |= {".".join(parts[:i]) for i in range(1, len(parts) + 1)}
+    return found
+
+
+def import_closure(script: Path) -> dict[str, Path]:
+    """Every ``unlearnflow`` module the stage script loads, directly or through other modules."""
+    todo, seen = sorted(imported_modules(script, "")), {}
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        path = seen[name] = module_file(name)
+        todo += imported_modules(path, name if path.name == "__init__.py" else name.rpartition(".")[0])
+    return seen
+
+
+def test_imported_modules_count_parents_relative_imports_and_modules_only(tmp_path):
+    """``import unlearnflow.data.splits`` runs unlearnflow/__init__ and data/__init__ too; inside
+    package ``unlearnflow.data``, ``from . import splits`` is unlearnflow.data.splits and ``from
+    ..errors import DataError`` is unlearnflow.errors (DataError is a name, not a module)."""
+    script = tmp_path / "s.py"
+    script.write_text("import os\nimport unlearnflow.data.splits\n")
+    assert imported_modules(script, "") == {"unlearnflow", "unlearnflow.data", "unlearnflow.data.splits"}
+    script.write_text("from . import splits\nfrom ..errors import DataError\n")
+    assert imported_modules(script, "unlearnflow.data") == {
+        "unlearnflow",
+        "unlearnflow.data",
+        "unlearnflow.data.splits",
+        "unlearnflow.errors",
+    }
+
+
+def test_import_closure_follows_imports_inside_functions(tmp_path):
+    """A script importing ``unlearnflow.cli`` inside a function loads cli and what cli imports
+    (config, errors), but not modules nothing imports (train)."""
+    script = tmp_path / "s.py"
+    script.write_text("def main():\n    from unlearnflow import cli\n")
+    closure = import_closure(script)
+    assert {"unlearnflow", "unlearnflow.cli", "unlearnflow.config", "unlearnflow.errors"} <= set(closure)
+    assert "unlearnflow.train" not in closure
+
+
+def stage_bodies() -> dict[str, dict]:
+    return {name: stage.get("do", stage) for name, stage in DVC.items()}
+
+
+@pytest.mark.parametrize("stage", sorted(DVC))
+def test_declared_deps_cover_every_module_imported(stage):
+    """A stage script's code (every unlearnflow module it imports, transitively) is among its deps,
+    as a file or under a declared folder, so editing that code reruns the stage."""
+    body = stage_bodies()[stage]
+    deps = [d.rstrip("/") for d in body["deps"] if isinstance(d, str)]
+    script = ROOT / body["cmd"].split()[1]
+    missing = sorted(
+        rel
+        for rel in (path.relative_to(ROOT).as_posix() for path in import_closure(script).values())
+        if not any(rel == d or rel.startswith(d + "/") for d in deps)
+    )
+    assert not missing, f"{stage} imports code it does not depend on in dvc.yaml: {', '.join(missing)}"
+
+
+def test_check_params_tracks_the_whole_file_and_runs_before_prepare():
+    """``params.yaml:`` with no keys makes DVC track every key (any edit reruns the check); its
+    out is a dep of prepare, the first stage, so DVC runs the check before anything else."""
+    check = DVC["check_params"]
+    assert check["params"] == [{"params.yaml": None}]
+    (marker,) = check["outs"]
+    assert marker in DVC["prepare"]["deps"]

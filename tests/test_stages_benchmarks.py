@@ -120,6 +120,8 @@ def test_custom_text_forget_set_through_every_stage(workdir):
         "forget_exact_memorization",
         "forget_extraction_strength",
         "verbmem_forget_verbmem",
+        "verbmem_forget_exact_memorization",  # as the reference's MUSE eval: memorisation of the continuation
+        "verbmem_forget_extraction_strength",
         "retain_prob",
         "model_utility",
         "mia_loss",
@@ -190,3 +192,45 @@ def test_tofu_files_through_prepare(workdir):
         "world_facts": 3,
         "retain_train": 18,
     }
+
+
+def _qa(i: int, paraphrase: bool = True, perturbed: int = 2) -> dict:
+    row = {"question": f"Where does person {i} live?", "answer": f"Person {i} lives in town {i}."}
+    if paraphrase:
+        row["paraphrased_answer"] = f"In town {i}."
+    if perturbed:
+        row["perturbed_answer"] = [f"In city {i + k}." for k in range(1, perturbed + 1)]
+    return row
+
+
+@pytest.mark.parametrize(
+    ("bad_row", "expected"),
+    [
+        (_qa(2, paraphrase=False), "split 'forget' row 2: no paraphrased_answer, but row 0 has one"),
+        (_qa(1, perturbed=0), "split 'forget' row 1: no perturbed_answer, but row 0 has one"),
+        (_qa(2, perturbed=1), "split 'forget' row 2: 1 perturbed answers, but earlier rows have 2"),
+    ],
+)
+def test_qa_rows_lacking_optional_columns_after_the_first_fail_at_prepare(workdir, bad_row, expected):
+    """A QA forget file whose first row has a paraphrase and 2 perturbed answers and a later row
+    lacks one of them (or has 1 perturbed answer): prepare checks every row, exits 2 with one line
+    naming the split and row, and writes nothing (later, truth ratio would fail mid-evaluation)."""
+    index = 1 if "row 1" in expected else 2
+    rows = [_qa(i) for i in range(4)]
+    rows[index] = bad_row
+    (workdir / "forget.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (workdir / "retain.jsonl").write_text("".join(json.dumps(_qa(i)) + "\n" for i in range(10, 13)))
+    params = yaml.safe_load((workdir / "params.yaml").read_text())
+    params["benchmark"]["custom"]["holdout"] = None
+    (workdir / "params.yaml").write_text(yaml.safe_dump(params))
+    result = CliRunner().invoke(
+        load_stage("prepare").app, ["--out", "data/splits", "--params", "params.yaml"]
+    )
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 2, result.output
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], result.output
+    assert not (workdir / "data/splits").exists()
+
+    rows[index] = _qa(index)  # every row complete: prepare passes
+    (workdir / "forget.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    _invoke("prepare", ["--out", "data/splits"])

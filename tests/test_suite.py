@@ -3,23 +3,28 @@ against independent references, one scoring pass per split, and the oracle-relat
 
 from __future__ import annotations
 
+import logging
 import math
+import zlib
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from unlearnflow.data.benchmark import Layout, SplitInfo
 from unlearnflow.data.tokenize import (
     IGNORE_INDEX,
     MCQ_LETTERS,
     encode_example,
+    encode_prompt,
     encode_qa,
     format_mcq,
     format_prompt,
 )
-from unlearnflow.errors import ConfigError
-from unlearnflow.metrics import SuiteOptions, evaluate_splits, mia, relative_metrics, suite, tofu
+from unlearnflow.errors import ConfigError, DataError
+from unlearnflow.metrics import EvalResult, SuiteOptions, evaluate_splits, mia, relative_metrics, suite, tofu
 
 MAX_LENGTH = 96
 OPTS = SuiteOptions(
@@ -69,8 +74,8 @@ def _options_rows(n: int) -> list[dict]:
 
 def _tofu_layout(with_holdout: bool = True) -> Layout:
     info = {
-        "forget": SplitInfo("qa", "forget"),
-        "retain": SplitInfo("qa", "utility"),
+        "forget": SplitInfo("qa", "forget", perturbed=True),
+        "retain": SplitInfo("qa", "utility", perturbed=True),
         "world_facts": SplitInfo("options", "utility"),
         "train_only": SplitInfo("qa", "train"),
     }
@@ -93,6 +98,12 @@ def _tofu_splits() -> dict[str, list[dict]]:
         "holdout": _qa_rows(3, offset=5),
         "train_only": [],  # never read: role train
     }
+
+
+def _auc_by_pairs(members, nonmembers) -> float:
+    """ROC-AUC by its definition: P(member score > non-member score), ties counting ½."""
+    wins = [1.0 if m > n else 0.5 if m == n else 0.0 for m in members for n in nonmembers]
+    return sum(wins) / len(wins)
 
 
 def _stats(model, tok, example: dict) -> tuple[np.ndarray, np.ndarray, float]:
@@ -134,8 +145,10 @@ def test_tofu_layout_keys_per_kind_and_role(sharp_model, tiny_tokenizer):
 
 
 def test_token_level_values_match_independent_references(sharp_model, tiny_tokenizer):
-    """Per sample: prob = exp(−avgNLL), EM and ES from argmax hits without the final EOS, min-k and
-    loss MIA scores from the same log-probs; the AUC is recomputed from the per-sample scores."""
+    """Per sample: prob = exp(−avgNLL), EM and ES from argmax hits without the final EOS (the
+    reference's ES: k capped at |y| − 1), min-k and loss MIA scores from the same log-probs, zlib of
+    the decoded scored tokens (" " + answer: leading space kept, EOS dropped); the AUC is recomputed
+    from the per-sample scores."""
     tok = tiny_tokenizer
     splits = _tofu_splits()
     res = evaluate_splits(sharp_model, tok, splits, _tofu_layout(), metrics=ALL, device="cpu", opts=OPTS)
@@ -147,9 +160,12 @@ def test_token_level_values_match_independent_references(sharp_model, tiny_token
         assert rec["nll"] == pytest.approx(avg, abs=1e-5)
         assert rec["prob"] == pytest.approx(math.exp(-avg), rel=1e-4)
         assert rec["exact_memorization"] == pytest.approx(content_ok.mean())
-        wrong = np.flatnonzero(~content_ok)
-        es = 1 - ((wrong[-1] + 1) if wrong.size else 0) / len(content_ok)
+        wrong, n = np.flatnonzero(~content_ok), len(content_ok)
+        es = 1 - min((wrong[-1] + 1) if wrong.size else 0, n - 1) / n
         assert rec["extraction_strength"] == pytest.approx(es)
+        assert rec["mia_zlib"] == pytest.approx(
+            -avg / len(zlib.compress((" " + row["answer"]).encode())), abs=1e-6
+        )
         k = max(1, int(len(content_lp) * 0.4))
         assert rec["mia_min_k"] == pytest.approx(np.sort(content_lp)[:k].mean(), abs=1e-5)
         assert rec["mia_loss"] == pytest.approx(-avg, abs=1e-5)
@@ -244,7 +260,13 @@ def test_muse_kinds_knowmem_verbmem_and_text_mia(sharp_model, tiny_tokenizer):
         np.sort(lp[:-1])[:k].mean(), abs=1e-5
     )
     rel = relative_metrics(res, layout, None, ["privleak"])
-    assert rel["privleak"] == pytest.approx(mia.privleak(res.aggregates["mia_min_k"], None))
+    auc = _auc_by_pairs(
+        [r["mia_min_k"] for r in res.per_sample["privleak_forget"]],
+        [r["mia_min_k"] for r in res.per_sample["privleak_holdout"]],
+    )
+    assert rel["privleak"] == pytest.approx(
+        ((1 - auc) - 0.5) / 0.5 * 100, abs=1e-6
+    )  # no oracle: AUC'_ref 0.5
     assert math.isnan(rel["forget_quality"])
 
 
@@ -301,8 +323,10 @@ def test_mcq_accuracy_picks_the_most_likely_letter(sharp_model, tiny_tokenizer):
 
 
 def test_relative_metrics_against_oracle_rows_and_self(sharp_model, tiny_tokenizer):
-    """forget_quality: KS of forget truth ratios vs the oracle's; model_utility: hmean of the utility
-    aggregates; mia_reference: AUC of avgNLL_oracle − avgNLL_model; privleak from both Min-K% AUCs.
+    """forget_quality: KS of forget truth ratios vs the oracle's; model_utility: 6 / Σ 1/v over the six
+    utility aggregates the layout fixes (retain, world_facts × prob, rouge, truth_ratio), listed by
+    hand; mia_reference: AUC of avgNLL_oracle − avgNLL_model; privleak from both Min-K% AUCs with an
+    oracle whose AUC is 0 (AUC' = 1), so privleak = ((1 − AUC) − 1)/1 × 100 = −100·AUC.
     Against itself: forget_quality 1, reference AUC 0.5, privleak 0."""
     layout = _tofu_layout()
     res = evaluate_splits(
@@ -314,11 +338,21 @@ def test_relative_metrics_against_oracle_rows_and_self(sharp_model, tiny_tokeniz
     assert own["privleak"] == pytest.approx(0.0, abs=1e-6)
     from scipy import stats
 
-    parts = [res.aggregates[k] for k in res.utility]
-    assert own["model_utility"] == pytest.approx(stats.hmean(parts))
+    keys = [f"{s}_{m}" for s in ("retain", "world_facts") for m in ("prob", "rouge", "truth_ratio")]
+    assert res.utility == keys
+    values = [res.aggregates[k] for k in keys]
+    expected = 0.0 if min(values) == 0 else len(values) / sum(1 / v for v in values)  # hmean; 0 if any is 0
+    assert own["model_utility"] == pytest.approx(expected)
+    # oracle Min-K% scores: every forget (member) row below every holdout row → oracle AUC 0
+    oracle_min_k = {"forget": -10.0, "holdout": 10.0}
     oracle = {
         split: [
-            {**r, "nll": r["nll"] + 0.1 * i, "truth_ratio": 1.0 + i, "mia_min_k": -float(i)}
+            {
+                **r,
+                "nll": r["nll"] + 0.1 * i,
+                "truth_ratio": 1.0 + i,
+                "mia_min_k": oracle_min_k.get(split, 0.0) + i,
+            }
             for i, r in enumerate(rows)
         ]
         for split, rows in res.per_sample.items()
@@ -327,16 +361,18 @@ def test_relative_metrics_against_oracle_rows_and_self(sharp_model, tiny_tokeniz
     model_tr = [r["truth_ratio"] for r in res.per_sample["forget"]]
     assert rel["forget_quality"] == pytest.approx(stats.ks_2samp(model_tr, [1.0, 2.0, 3.0]).pvalue)
     ref = [
-        mia.reference_score(
-            np.array([r["nll"] for r in res.per_sample[s]]), np.array([o["nll"] for o in oracle[s]])
-        )
+        [
+            o["nll"] - r["nll"] for r, o in zip(res.per_sample[s], oracle[s], strict=True)
+        ]  # nll_oracle − nll_model
         for s in ("forget", "holdout")
     ]
-    assert rel["mia_reference"] == pytest.approx(mia.auc(*ref))
+    assert rel["mia_reference"] == pytest.approx(_auc_by_pairs(*ref))
     assert res.per_sample["forget"][0]["mia_reference"] == pytest.approx(ref[0][0])
-    assert rel["privleak"] == pytest.approx(
-        mia.privleak(res.aggregates["mia_min_k"], 0.5)
-    )  # oracle scores tie
+    auc = _auc_by_pairs(
+        [r["mia_min_k"] for r in res.per_sample["forget"]],
+        [r["mia_min_k"] for r in res.per_sample["holdout"]],
+    )
+    assert rel["privleak"] == pytest.approx(-100 * auc, abs=1e-6)
     assert math.isnan(relative_metrics(res, layout, None, ALL)["mia_reference"])
 
 
@@ -358,15 +394,326 @@ def test_max_samples_is_a_deterministic_subset_and_unknown_metrics_fail(tiny_mod
         evaluate_splits(tiny_model, tiny_tokenizer, splits, layout, metrics=["mia"], device="cpu", opts=opts)
 
 
-def test_grad_norm_runs_on_member_and_nonmember_splits(sharp_model, tiny_tokenizer):
+def test_grad_norm_matches_an_independent_per_sample_backward(sharp_model, tiny_tokenizer):
+    """Each row's mia_grad_norm = −mean over parameter tensors of ‖∇ mean NLL(answer tokens, final EOS
+    out)‖₂, recomputed here one unpadded row at a time with .backward(); the AUC is the fraction of
+    (forget, holdout) pairs the forget row wins (ties ½)."""
+    tok = tiny_tokenizer
+    splits = _tofu_splits()
     res = evaluate_splits(
-        sharp_model,
-        tiny_tokenizer,
-        _tofu_splits(),
-        _tofu_layout(),
-        metrics=["mia_grad_norm"],
-        device="cpu",
-        opts=OPTS,
+        sharp_model, tok, splits, _tofu_layout(), metrics=["mia_grad_norm"], device="cpu", opts=OPTS
     )
-    assert 0.0 <= res.aggregates["mia_grad_norm"] <= 1.0
-    assert all(r["mia_grad_norm"] < 0 for r in res.per_sample["holdout"])
+    for split in ("forget", "holdout"):
+        for rec, row in zip(res.per_sample[split], splits[split], strict=True):
+            ex = encode_qa(tok, row["question"], row["answer"], max_length=MAX_LENGTH)
+            sharp_model.zero_grad()
+            logits = sharp_model(input_ids=torch.tensor([ex["input_ids"]])).logits[0]
+            pos = [t for t, label in enumerate(ex["labels"]) if t and label != IGNORE_INDEX][:-1]
+            loss = torch.stack(
+                [F.cross_entropy(logits[t - 1], torch.tensor(ex["labels"][t])) for t in pos]
+            ).mean()
+            loss.backward()
+            norms = [q.grad.norm() for q in sharp_model.parameters() if q.grad is not None]
+            assert rec["mia_grad_norm"] == pytest.approx(-float(torch.stack(norms).mean()), rel=1e-4)
+    sharp_model.zero_grad()
+    auc = _auc_by_pairs(
+        [r["mia_grad_norm"] for r in res.per_sample["forget"]],
+        [r["mia_grad_norm"] for r in res.per_sample["holdout"]],
+    )
+    assert res.aggregates["mia_grad_norm"] == pytest.approx(auc)
+
+
+# --- metric definitions: reference | unlearnflow --------------------------------------------------
+
+
+def test_definitions_reach_the_maths(sharp_model, tiny_tokenizer):
+    """``definitions="unlearnflow"``: ES = 0 when the last content token is wrong (the reference:
+    1/|y|), zlib of the raw answer (the reference: " " + answer); truth ratios and normalised
+    probabilities differ by the guard's relative size 1e-10 / P: per row tr_ref = tr_ours · P_c / (P_c +
+    1e-10) with P_c = exp(−avgNLL(paraphrase)), checked to 1e-9; this untrained model's P ≳ 1e-5 bounds
+    the aggregates' difference by 1e-5 (~1e-10 for a trained model, P ~ 0.5)."""
+    tok, splits, layout = tiny_tokenizer, _tofu_splits(), _tofu_layout()
+    metrics = ["prob", "truth_ratio", "extraction_strength", "mia_zlib"]
+
+    def run(definitions: str):
+        opts = SuiteOptions(**{**OPTS.__dict__, "definitions": definitions})
+        return evaluate_splits(sharp_model, tok, splits, layout, metrics=metrics, device="cpu", opts=opts)
+
+    ref, ours = run("reference"), run("unlearnflow")
+    last_wrong = 0
+    for r_rec, o_rec, row in zip(
+        ref.per_sample["forget"], ours.per_sample["forget"], splits["forget"], strict=True
+    ):
+        _, ok, avg = _stats(
+            sharp_model, tok, encode_qa(tok, row["question"], row["answer"], max_length=MAX_LENGTH)
+        )
+        ok = ok[:-1]  # final EOS out
+        n, wrong = len(ok), np.flatnonzero(~ok)
+        k = (wrong[-1] + 1) if wrong.size else 0
+        assert o_rec["extraction_strength"] == pytest.approx(1 - k / n)
+        assert r_rec["extraction_strength"] == pytest.approx(1 - min(k, n - 1) / n)
+        last_wrong += int(not ok[-1])
+        assert o_rec["mia_zlib"] == pytest.approx(-avg / len(zlib.compress(row["answer"].encode())), abs=1e-6)
+        assert r_rec["mia_zlib"] == pytest.approx(
+            -avg / len(zlib.compress((" " + row["answer"]).encode())), abs=1e-6
+        )
+        p_c = math.exp(
+            -_stats(
+                sharp_model,
+                tok,
+                encode_qa(tok, row["question"], row["paraphrased_answer"], max_length=MAX_LENGTH),
+            )[2]
+        )
+        assert r_rec["truth_ratio"] == pytest.approx(o_rec["truth_ratio"] * p_c / (p_c + 1e-10), rel=1e-9)
+    assert last_wrong > 0  # the case where the definitions differ does occur in this fixture
+    for key in ("forget_truth_ratio", "retain_truth_ratio", "world_facts_prob", "world_facts_truth_ratio"):
+        assert ours.aggregates[key] == pytest.approx(ref.aggregates[key], rel=1e-5)
+
+
+def test_zlib_text_is_the_scored_text_when_the_target_is_cut(tiny_tokenizer):
+    """A target cut by max_length is compressed as cut (reference): the kept answer tokens decoded,
+    leading space kept, no EOS; unlearnflow compresses the full raw answer."""
+    tok = tiny_tokenizer
+    row = _qa_rows(1)[0]
+    prompt_len = len(encode_prompt(tok, row["question"]))
+    answer_ids = tok(" " + row["answer"], add_special_tokens=False)["input_ids"]
+    assert len(answer_ids) > 3
+    ex = encode_qa(tok, row["question"], row["answer"], max_length=prompt_len + 3)
+    s = suite.ScoredSplit(
+        "forget", "qa", "forget", [row], np.arange(1), target_examples=[ex], target_texts=[row["answer"]]
+    )
+    (text,) = suite.zlib_texts(s, tok)
+    assert text == tok.decode(answer_ids[:3])
+    assert (" " + row["answer"]).startswith(text) and text.startswith(" ") and len(text) < len(row["answer"])
+    s.definitions = "unlearnflow"
+    assert suite.zlib_texts(s, tok) == [row["answer"]]
+
+
+def test_evaluate_config_carries_definitions():
+    from unlearnflow.config import EvaluateConfig, parse_section
+
+    assert EvaluateConfig().definitions == "reference"
+    opts = SuiteOptions(**EvaluateConfig(definitions="unlearnflow").suite_options(MAX_LENGTH))
+    assert opts.definitions == "unlearnflow"
+    with pytest.raises(ConfigError, match="definitions"):
+        parse_section({"definitions": "tofu"}, "evaluate", EvaluateConfig)
+
+
+# --- forget_quality never disappears quietly --------------------------------------------------------
+
+
+def _fq_result() -> tuple[EvalResult, Layout]:
+    """A hand-made result on a layout with a forget-quality split, MIA splits and no utility split."""
+    layout = Layout(
+        info={"forget": SplitInfo("qa", "forget", perturbed=True), "holdout": SplitInfo("qa", "mia")},
+        train={"target": ["forget"], "oracle": ["holdout"]},
+        unlearn={"forget": "forget", "retain": "holdout"},
+        mia=("forget", "holdout"),
+        forget_quality="forget",
+    )
+    rows = {
+        "forget": [
+            {"index": i, "truth_ratio": tr, "mia_min_k": m}
+            for i, (tr, m) in enumerate([(0.5, 3.0), (2.0, 2.0)])
+        ],
+        "holdout": [{"index": i, "mia_min_k": m} for i, m in enumerate([1.0, 2.0])],
+    }
+    return EvalResult(aggregates={}, per_sample=rows, utility=layout.utility_components()), layout
+
+
+def test_oracle_without_truth_ratios_is_an_error_naming_split_and_file():
+    res, layout = _fq_result()
+    oracle = {
+        n: [{k: v for k, v in r.items() if k != "truth_ratio"} for r in rows]
+        for n, rows in res.per_sample.items()
+    }
+    with pytest.raises(
+        DataError, match=r"split 'forget' \(eval/oracle/samples/forget\.jsonl\) lack truth_ratio"
+    ):
+        relative_metrics(res, layout, oracle, ["truth_ratio"], oracle_dir="eval/oracle/samples")
+    with pytest.raises(DataError, match=r"'forget'.*forget\.jsonl"):
+        relative_metrics(
+            res, layout, {"holdout": oracle["holdout"]}, ["truth_ratio"]
+        )  # no forget file at all
+
+
+def test_forget_quality_without_truth_ratio_metric_warns_and_is_absent(caplog):
+    res, layout = _fq_result()
+    with caplog.at_level(logging.WARNING, logger="unlearnflow.metrics.suite"):
+        out = relative_metrics(res, layout, res.per_sample, ["prob"])
+    assert math.isnan(out["forget_quality"])
+    assert "forget_quality is NOT computed" in caplog.text and "'forget'" in caplog.text
+    assert "truth_ratio" in caplog.text
+
+
+def test_forget_quality_hand_ks_value():
+    """Model tr [0.5, 2] vs oracle tr [3, 4]: fully separated samples of sizes 2 and 2 → D = 1,
+    reached by 2 of the C(4,2) = 6 orderings → exact p = 1/3. No warning when truth_ratio is asked for."""
+    res, layout = _fq_result()
+    oracle = {"forget": [{"index": 0, "truth_ratio": 3.0}, {"index": 1, "truth_ratio": 4.0}]}
+    assert relative_metrics(res, layout, oracle, ["truth_ratio"])["forget_quality"] == pytest.approx(1 / 3)
+
+
+# --- privleak on hand-made scores ----------------------------------------------------------------
+
+
+def test_privleak_from_hand_made_scores():
+    """Model Min-K% members [3, 2] vs non-members [1, 2]: 3 wins + 1 tie of 4 pairs → AUC 0.875,
+    AUC' = 0.125. Without oracle: (0.125 − 0.5)/0.5 × 100 = −75. Oracle members [1, 2] vs
+    non-members [3, 2]: 1 tie of 4 → AUC 0.125, AUC' = 0.875: (0.125 − 0.875)/0.875 × 100 = −600/7."""
+    res, layout = _fq_result()
+    assert relative_metrics(res, layout, None, ["privleak"])["privleak"] == pytest.approx(-75.0)
+    oracle = {
+        "forget": [{"index": 0, "mia_min_k": 1.0}, {"index": 1, "mia_min_k": 2.0}],
+        "holdout": [{"index": 0, "mia_min_k": 3.0}, {"index": 1, "mia_min_k": 2.0}],
+    }
+    assert relative_metrics(res, layout, oracle, ["privleak"])["privleak"] == pytest.approx(-600 / 7)
+
+
+# --- model_utility: components fixed by the benchmark ----------------------------------------------
+
+
+def _all_kinds_layout(perturbed_retain: bool) -> Layout:
+    return Layout(
+        info={
+            "forget": SplitInfo("qa", "forget", perturbed=True),
+            "retain": SplitInfo("qa", "utility", perturbed=perturbed_retain),
+            "world_facts": SplitInfo("options", "utility"),
+            "knowmem_retain": SplitInfo("knowmem", "utility"),
+            "verbmem_forget": SplitInfo("completion", "forget"),
+            "raw_retain": SplitInfo("text", "utility"),
+            "mmlu": SplitInfo("mcq", "utility"),
+            "wmdp_bio": SplitInfo("mcq", "forget"),
+            "holdout": SplitInfo("qa", "mia"),
+        },
+        train={"target": ["forget"], "oracle": ["retain"]},
+        unlearn={"forget": "forget", "retain": "retain"},
+        mia=None,
+        forget_quality="forget",
+    )
+
+
+def test_utility_components_are_fixed_by_the_layout():
+    """Only utility splits count, each with its kind's metrics; a qa split's truth ratio only when its
+    rows carry paraphrased and perturbed answers."""
+    assert _all_kinds_layout(True).utility_components() == [
+        "retain_prob", "retain_rouge", "retain_truth_ratio",
+        "world_facts_prob", "world_facts_rouge", "world_facts_truth_ratio",
+        "knowmem_retain_knowmem", "raw_retain_prob", "mmlu_mcq_accuracy",
+    ]  # fmt: skip
+    assert _all_kinds_layout(False).utility_components()[:2] == ["retain_prob", "retain_rouge"]
+    assert "retain_truth_ratio" not in _all_kinds_layout(False).utility_components()
+
+
+@pytest.mark.parametrize(
+    ("kind", "row"),
+    [
+        ("qa", _qa_rows(1)[0]),
+        ("qa", {"question": "q", "answer": "a"}),
+        ("options", _options_rows(1)[0]),
+        ("knowmem", {"question": "q", "answer": "a"}),
+        ("completion", {"prompt": "p", "gt": "g"}),
+        ("text", {"text": "t"}),
+        ("mcq", {"question": "q", "choices": ["a", "b"], "answer": 0}),
+    ],
+)
+def test_utility_table_agrees_with_the_registered_metrics(kind, row):
+    """The layout's table (data/benchmark.py) names exactly the registered metrics that run on a
+    utility split of that kind, so model_utility's components are what the suite computes."""
+    perturbed = kind == "qa" and {"paraphrased_answer", "perturbed_answer"} <= row.keys()
+    layout = Layout({"s": SplitInfo(kind, "utility", perturbed=perturbed)}, {}, {}, None, None)
+    registered = {m for m in suite.METRICS if suite.METRICS.get(m).applies(kind, "utility", [row])}
+    assert {k.removeprefix("s_") for k in layout.utility_components()} == registered
+
+
+def test_benchmark_layout_reads_the_perturbed_flag_off_the_rows():
+    from unlearnflow.data.benchmark import Benchmark
+
+    bench = Benchmark(
+        splits={"forget": _qa_rows(2), "retain": [{"question": "q", "answer": "a"}], "wf": _options_rows(1)},
+        info={
+            "forget": SplitInfo("qa", "forget"),
+            "retain": SplitInfo("qa", "utility"),
+            "wf": SplitInfo("options", "utility"),
+        },
+        train={"target": ["forget", "retain"], "oracle": ["retain"]},
+        unlearn={"forget": "forget", "retain": "retain"},
+        forget_quality="forget",
+    )
+    layout = Layout.from_manifest(bench.to_manifest())
+    assert layout.info["forget"].perturbed and not layout.info["retain"].perturbed
+    assert layout.utility_components() == [
+        "retain_prob",
+        "retain_rouge",
+        "wf_prob",
+        "wf_rouge",
+        "wf_truth_ratio",
+    ]
+
+
+def test_model_utility_is_the_hand_hmean_of_the_benchmark_components():
+    """The TOFU-like layout's six components (retain, world_facts × prob, rouge, truth_ratio) set by hand
+    to [1/2, 1/4, 1/4, 1, 1/2, 1/4]: hmean = 6 / (2 + 4 + 4 + 1 + 2 + 4) = 6/17. forget_prob (0.001)
+    is not a component and must not enter (it would give 7/1017)."""
+    layout = _tofu_layout()
+    values = {
+        "retain_prob": 0.5, "retain_rouge": 0.25, "retain_truth_ratio": 0.25,
+        "world_facts_prob": 1.0, "world_facts_rouge": 0.5, "world_facts_truth_ratio": 0.25,
+    }  # fmt: skip
+    res = EvalResult(
+        aggregates={**values, "forget_prob": 0.001}, per_sample={}, utility=layout.utility_components()
+    )
+    assert relative_metrics(res, layout, None, ["prob", "rouge"])["model_utility"] == pytest.approx(6 / 17)
+
+
+def test_a_missing_model_utility_component_is_an_error_naming_it():
+    """evaluate.metrics without rouge on TOFU: check_metrics (before any model loads) and
+    relative_metrics both refuse, naming the components and the metric to add; a NaN component too."""
+    layout = replace(_tofu_layout(), forget_quality=None)
+    with pytest.raises(
+        ConfigError, match=r"model_utility needs retain_rouge, world_facts_rouge .* lacks rouge"
+    ):
+        suite.check_metrics(layout, ["prob", "truth_ratio", "mia_loss"])
+    suite.check_metrics(layout, ["prob", "rouge", "truth_ratio"])  # complete: no error
+    with pytest.raises(ConfigError, match="unknown metric"):
+        suite.check_metrics(layout, ["prob", "rouge", "truth_ratio", "utility"])
+    parts = {
+        "retain_prob": 0.5,
+        "retain_truth_ratio": 0.5,
+        "world_facts_prob": 0.5,
+        "world_facts_truth_ratio": 0.5,
+    }
+    res = EvalResult(aggregates=parts, per_sample={}, utility=layout.utility_components())
+    with pytest.raises(ConfigError, match="retain_rouge, world_facts_rouge"):
+        relative_metrics(res, layout, None, ["prob", "truth_ratio"])
+    res.aggregates.update(retain_rouge=math.nan, world_facts_rouge=0.5)
+    with pytest.raises(DataError, match="retain_rouge is NaN"):
+        relative_metrics(res, layout, None, ["prob", "rouge", "truth_ratio"])
+
+
+def test_forget_quality_split_without_truth_ratio_inputs_is_an_error():
+    layout = _all_kinds_layout(True)
+    bad = Layout(
+        {**layout.info, "forget": SplitInfo("qa", "forget")}, layout.train, layout.unlearn, None, "forget"
+    )
+    metrics = ["prob", "rouge", "truth_ratio", "knowmem", "mcq_accuracy"]
+    suite.check_metrics(layout, metrics)
+    with pytest.raises(DataError, match="'forget' is the benchmark's forget-quality split"):
+        suite.check_metrics(bad, metrics)
+
+
+def test_layout_perturbed_flag_must_match_the_rows(tiny_model, tiny_tokenizer):
+    """A stale layout (perturbed=False on rows that carry perturbed answers) would drop the truth ratio
+    from model_utility silently: it is an error before any scoring."""
+    layout = _tofu_layout()
+    stale = Layout(
+        {**layout.info, "retain": SplitInfo("qa", "utility")},
+        layout.train,
+        layout.unlearn,
+        layout.mia,
+        "forget",
+    )
+    with pytest.raises(DataError, match=r"split 'retain': the rows carry .* perturbed=False"):
+        evaluate_splits(
+            tiny_model, tiny_tokenizer, _tofu_splits(), stale, metrics=["prob"], device="cpu", opts=OPTS
+        )

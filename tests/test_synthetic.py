@@ -322,3 +322,23 @@ def test_labels_cover_exactly_the_answer(splits: dict, tiny_tokenizer) -> None:
         assert answer[-1][1] == tok.eos_token_id
         text = tok.decode([t for _, t in answer[:-1]], clean_up_tokenization_spaces=False)
         assert text == " " + row["answer"]
+
+
+def test_generation_cap_is_a_bound_every_answer_fits(splits: dict, tmp_path: Path) -> None:
+    """The embedded benchmark's ROUGE cap (``Layout.max_new_tokens``) is 1 + the most UTF-8 bytes of
+    any ``" " + answer``: at the default size the longest is 75 bytes, so 76. A byte-level BPE token
+    spells >= 1 byte, so ``" " + answer`` is <= 75 tokens and + EOS <= 76 = cap for every answer:
+    checked with the scratch pipeline's tokenizer trained as ``finetune`` trains it (on the corpus,
+    the default vocabulary). The cap reaches later stages through the manifest."""
+    from unlearnflow.config import ScratchModelConfig
+    from unlearnflow.modeling import train_bpe_tokenizer
+
+    bench = benchmark(BenchmarkConfig())
+    answers = [r["answer"] for rows in splits.values() for r in rows]
+    assert max(len((" " + a).encode("utf-8")) for a in answers) == 75
+    assert bench.layout.max_new_tokens == 76 < 200
+    tok = train_bpe_tokenizer(corpus_texts(splits, bench.layout), ScratchModelConfig().vocab_size)
+    lengths = [len(tok(" " + a, add_special_tokens=False)["input_ids"]) + 1 for a in answers]
+    assert max(lengths) <= 76
+    _write(splits, tmp_path)
+    assert read_layout(tmp_path).max_new_tokens == 76

@@ -3,14 +3,27 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
+from unlearnflow import tracking
 from unlearnflow.errors import UnlearnflowError
 from unlearnflow.io import sha256_dir, sha256_file, write_jsonl
-from unlearnflow.tracking import flatten, params_hash, read_manifest, stage_run, tracking_uri
+from unlearnflow.tracking import (
+    close_dead_runs,
+    flatten,
+    params_hash,
+    project_root,
+    read_manifest,
+    retry_locked,
+    stage_run,
+    tracking_uri,
+)
 
 EXPERIMENT = "unlearnflow-test"
 PARAMS = {
@@ -38,6 +51,8 @@ def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, db: str) -> Path:
     monkeypatch.chdir(work)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", db)
     monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path))
+    for name in ("DVC_ROOT", "DVC_EXP_NAME", "DVC_EXP_BASELINE_REV"):  # when pytest runs under dvc
+        monkeypatch.delenv(name, raising=False)
     return work
 
 
@@ -67,9 +82,149 @@ def test_params_hash_is_canonical() -> None:
 def test_tracking_uri_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("DVC_ROOT", raising=False)
     assert tracking_uri() == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example:5000")
     assert tracking_uri() == "http://mlflow.example:5000"
+
+
+@pytest.mark.parametrize(
+    ("cwd", "dvc_root", "expected"),
+    [
+        ("proj", None, "proj"),  # plain `python stages/x.py` or `dvc repro`, cwd = root
+        ("proj", "proj", "proj"),  # dvc repro / dvc exp run in the workspace: DVC_ROOT = root
+        ("proj/sub", "proj", "proj"),  # a stage with its own wdir
+        # dvc queue start: cwd is the executor's clone, DVC_ROOT the parent repo (dvc 3.67)
+        ("proj/.dvc/tmp/exps/tmpa1b2c3", "proj", "proj"),
+        ("proj/.dvc/tmp/exps/standalone/tmpa1b2c3", "proj", "proj"),  # dvc exp run --temp
+        # a DVC that left DVC_ROOT at the clone, or a stage started by hand in one: strip the tail
+        ("proj/.dvc/tmp/exps/tmpa1b2c3", "proj/.dvc/tmp/exps/tmpa1b2c3", "proj"),
+        ("proj/.dvc/tmp/exps/tmpa1b2c3/sub", None, "proj"),
+        ("proj", "elsewhere", "proj"),  # a stray DVC_ROOT that does not contain cwd is ignored
+        ("proj/.dvcx/tmp/exps/t", None, "proj/.dvcx/tmp/exps/t"),  # only the exact .dvc/tmp/exps
+    ],
+)
+def test_project_root(tmp_path: Path, cwd: str, dvc_root: str | None, expected: str) -> None:
+    env = {"DVC_ROOT": str(tmp_path / dvc_root)} if dvc_root else {}
+    assert project_root(tmp_path / cwd, env) == (tmp_path / expected).resolve()
+
+
+def test_queued_experiment_tracks_into_the_project_store(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stage of a queued experiment runs in ``<root>/.dvc/tmp/exps/tmpXXXX`` with DVC_ROOT = <root>:
+    its run, the experiment's artifact location and the manifest's URI are the root's."""
+    root = tmp_path / "proj"
+    clone = root / ".dvc" / "tmp" / "exps" / "tmpq1w2e3"
+    clone.mkdir(parents=True)
+    monkeypatch.chdir(clone)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path))
+    monkeypatch.setenv("DVC_ROOT", str(root))
+    monkeypatch.setenv("DVC_EXP_NAME", "sunny-hens")
+    monkeypatch.setenv("DVC_EXP_BASELINE_REV", "a" * 40)
+    (clone / "ckpt").mkdir()
+    (clone / "ckpt" / "w.bin").write_bytes(b"\1" * 16)
+    with stage_run("unlearn", "grad_ascent-adamw", experiment=EXPERIMENT, params={}) as run:
+        run.log_checkpoint(clone / "ckpt", max_mb=1.0)
+    uri = f"sqlite:///{root.resolve() / 'mlflow.db'}"
+    assert run.tracking_uri == uri and (root / "mlflow.db").is_file()
+    assert not (clone / "mlflow.db").exists() and not (clone / "mlruns").exists()
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    got = client.get_run(run.run_id)
+    assert got.data.tags["dvc.exp_name"] == "sunny-hens"
+    assert got.data.tags["dvc.exp_baseline_rev"] == "a" * 40
+    assert client.get_experiment(run.experiment_id).artifact_location == (root.resolve() / "mlruns").as_uri()
+    assert (root / "mlruns" / run.run_id / "artifacts" / "checkpoint" / "w.bin").is_file()
+
+
+def test_plain_repro_has_no_experiment_tags(workdir: Path) -> None:
+    with stage_run("prepare", None, experiment=f"{EXPERIMENT}-plain", params={}) as run:
+        pass
+    tags = _client().get_run(run.run_id).data.tags
+    assert "dvc.exp_name" not in tags and "dvc.exp_baseline_rev" not in tags
+    assert tags["unlearnflow.host"] and tags["unlearnflow.pid"] == str(os.getpid())
+
+
+def _dead_pid() -> int:
+    """The pid of a child that has exited and been reaped."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_next_run_closes_runs_of_dead_processes_only(workdir: Path) -> None:
+    """Four RUNNING runs, as a `kill -9` leaves them; only the one of this item whose process is
+    gone from this host is closed, as KILLED with a reason, by the next run of the item."""
+    import psutil
+
+    client = _client()
+    experiment = f"{EXPERIMENT}-killed"  # its own: the chained test checks where EXPERIMENT's artifacts go
+    exp_id = client.create_experiment(experiment)
+    host = socket.gethostname()
+    stage = "unlearn@npo-sgd"
+    live = subprocess.Popen(["sleep", "60"])
+    try:
+        live_start = f"{psutil.Process(live.pid).create_time():.3f}"
+
+        def running(stage_tag: str, host_tag: str, pid: int, start: str | None) -> str:
+            tags = {"dvc.stage": stage_tag, "unlearnflow.host": host_tag, "unlearnflow.pid": str(pid)}
+            if start is not None:
+                tags["unlearnflow.pid_start"] = start
+            return client.create_run(exp_id, tags=tags).info.run_id
+
+        dead = running(stage, host, _dead_pid(), None)
+        alive = running(stage, host, live.pid, live_start)  # e.g. the same item in another worker
+        reused = running(stage, host, live.pid, "1.000")  # the pid now belongs to a later process
+        remote = running(stage, "another-host.invalid", _dead_pid(), None)  # cannot be checked
+        other_item = running("unlearn@npo-adamw", host, _dead_pid(), None)
+        with stage_run("unlearn", "npo-sgd", experiment=experiment, params={}) as run:
+            pass
+        status = {r: client.get_run(r).info.status for r in (dead, alive, reused, remote, other_item)}
+        assert status == {
+            dead: "KILLED",
+            alive: "RUNNING",
+            reused: "KILLED",
+            remote: "RUNNING",
+            other_item: "RUNNING",
+        }
+        why = client.get_run(dead).data.tags["unlearnflow.killed"]
+        assert "ended without closing the run" in why and str(os.getpid()) in why
+        assert client.get_run(run.run_id).info.status == "FINISHED"
+        assert close_dead_runs(client, exp_id, stage) == []  # nothing left to close
+    finally:
+        live.kill()
+        live.wait()
+        for run_id in (alive, remote, other_item):
+            client.set_terminated(run_id, "KILLED")
+
+
+def test_retry_locked(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Locked errors are retried (here twice, then success); anything else raises at once; the
+    last locked error propagates after RETRY_ATTEMPTS retries."""
+    import sqlite3
+
+    monkeypatch.setattr(tracking, "RETRY_FIRST_SLEEP_S", 0.0)
+    calls = []
+
+    def flaky(x: int, fail: int, exc: Exception) -> int:
+        calls.append(x)
+        if len(calls) <= fail:
+            raise exc
+        return x * 2
+
+    locked = sqlite3.OperationalError("database is locked")
+    assert retry_locked(flaky, 21, fail=2, exc=locked) == 42 and len(calls) == 3
+    calls.clear()
+    with pytest.raises(ValueError, match="bad"):
+        retry_locked(flaky, 1, fail=1, exc=ValueError("bad"))
+    assert len(calls) == 1
+    calls.clear()
+    with pytest.raises(sqlite3.OperationalError, match="locked"):
+        retry_locked(flaky, 1, fail=100, exc=locked)
+    assert len(calls) == tracking.RETRY_ATTEMPTS + 1
 
 
 def test_two_chained_stages_in_git_repo(workdir: Path, tmp_path: Path) -> None:
@@ -184,3 +339,31 @@ def test_malformed_upstream_manifest_is_a_user_error(workdir: Path) -> None:
         stage_run("unlearn", "npo-adamw", experiment=EXPERIMENT, params={}, upstream=[bad]),
     ):
         pass
+
+
+def test_two_processes_create_a_fresh_store_at_once(tmp_path: Path) -> None:
+    """Two stage processes start together on a project without mlflow.db (`dvc queue start -j 2` on
+    a fresh clone): both must finish their runs. Unserialised, MLflow's schema migrations of the new
+    SQLite file race ("duplicate column name: step") and one stage dies."""
+    script = (
+        "import sys\n"
+        "from unlearnflow.tracking import stage_run\n"
+        "with stage_run('prepare', sys.argv[1], experiment='race', params={'a': 1}) as run:\n"
+        "    run.log_metrics({'x': 1.0}, step=0)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "DVC_ROOT")}
+    env["GIT_CEILING_DIRECTORIES"] = str(tmp_path)
+    procs = [
+        subprocess.Popen([sys.executable, "-c", script, item], cwd=tmp_path, env=env, stderr=subprocess.PIPE)
+        for item in ("a", "b")
+    ]
+    errors = [p.communicate()[1].decode()[-2000:] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errors
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("race").experiment_id])
+    assert sorted((r.info.run_name, r.info.status) for r in runs) == [
+        ("prepare-a", "FINISHED"),
+        ("prepare-b", "FINISHED"),
+    ]

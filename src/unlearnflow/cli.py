@@ -47,3 +47,13 @@ def experiment_name(params: Path) -> str:
     if tracking.experiment:
         return tracking.experiment
     return f"unlearnflow-{load_section(params, 'benchmark', BenchmarkConfig).name}"
+
+
+def item_name(method: str, optimizer: str, seed: int, attack: str | None = None) -> str:
+    """The item (directory, MLflow run) name of one unlearned model, or of one attack on it.
+
+    ``<method>-<optimizer>-s<seed>`` and ``<method>-<optimizer>-s<seed>-<attack>``: the ``s`` keeps
+    the seed readable among names. (DVC names the same matrix items ``…-<seed>-…``, from the values.)
+    """
+    name = f"{method}-{optimizer}-s{seed}"
+    return f"{name}-{attack}" if attack is not None else name

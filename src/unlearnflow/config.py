@@ -206,8 +206,18 @@ class FinetuneConfig(TrainConfig):
 
 
 class UnlearnConfig(TrainConfig):
+    """``methods`` × ``optimizers`` × ``seeds`` span the unlearn matrix of dvc.yaml.
+
+    ``seed`` (from ``TrainConfig``) is not a params key here: each seed of ``seeds`` is its own matrix
+    item and reaches the stage on its command line (``with_seed``), so that adding a seed runs one
+    new item instead of rerunning every item that would otherwise depend on the whole list.
+    """
+
     methods: list[str] = ["grad_ascent", "grad_diff"]
     optimizers: list[str] = ["adamw"]
+    seeds: list[int] = Field(
+        [0, 1, 2], min_length=1, description="one unlearn item per seed (torch seed and data order)"
+    )
     epochs: Positive = 5
     lr: Positive = 3e-4
     divergence_limit: float | None = Field(
@@ -215,6 +225,24 @@ class UnlearnConfig(TrainConfig):
     )
     method_args: dict[str, dict[str, Any]] = {}
     optimizer_args: dict[str, dict[str, Any]] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_single_seed(cls, raw: Any) -> Any:
+        if isinstance(raw, dict) and "seed" in raw:
+            raise ValueError("unlearn.seed is replaced by unlearn.seeds: a list, one matrix item per seed")
+        return raw
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct_seeds(cls, v: list[int]) -> list[int]:
+        if len(set(v)) != len(v):
+            raise ValueError("seeds must be distinct (each names a matrix item)")
+        return v
+
+    def with_seed(self, seed: int) -> UnlearnConfig:
+        """This config for the matrix item of ``seed`` (the one ``train.run`` reads as ``cfg.seed``)."""
+        return self.model_copy(update={"seed": seed})
 
 
 class NoiseAttackConfig(Section):
@@ -258,9 +286,21 @@ class EvaluateConfig(Section):
 
     metrics: list[str] = Field(default_factory=lambda: list(DEFAULT_METRICS), min_length=1)
     batch_size: int = Field(64, ge=1)
-    max_new_tokens: int = Field(32, ge=1, description="generation cap of TOFU-style answers (rouge)")
+    max_new_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="generation cap of TOFU-style answers (rouge); null: the benchmark's default "
+        "(the reference's 200 for TOFU and custom QA, a bound every answer fits in for synthetic)",
+    )
     knowmem_max_new_tokens: int = Field(32, ge=1, description="generation cap of MUSE knowmem answers")
     verbmem_max_new_tokens: int = Field(128, ge=1, description="generation cap of MUSE verbmem continuations")
+    text_max_length: int = Field(
+        2048,
+        ge=1,
+        description="token cap of a scored plain text after its prefix (text splits: MUSE privleak / MIA "
+        "texts; completion: verbmem continuations), the reference's CompletionDataset max_length; "
+        "not model.max_length",
+    )
     min_k_fraction: float = Field(0.4, gt=0, le=1, description="k of Min-K% and Min-K%++ (and privleak)")
     grad_norm_p: float = Field(2.0, ge=1, description="p of the gradient p-norm of mia_grad_norm")
     mcq_format: Literal["letter", "text"] = Field(
@@ -270,6 +310,11 @@ class EvaluateConfig(Section):
         None, ge=1, description="cap per split (a seeded subset); null: every sample"
     )
     seed: int = 0
+    definitions: Literal["reference", "unlearnflow"] = Field(
+        "reference",
+        description="metric definitions: open-unlearning's (guards, ES = 1/|y| on a wrong last token, "
+        "zlib of the decoded scored tokens) or unlearnflow's (docs/metrics.md)",
+    )
 
     def suite_options(self, max_length: int) -> dict[str, Any]:
         """Keyword arguments of ``metrics.SuiteOptions``."""
@@ -279,11 +324,13 @@ class EvaluateConfig(Section):
             "max_new_tokens": self.max_new_tokens,
             "knowmem_max_new_tokens": self.knowmem_max_new_tokens,
             "verbmem_max_new_tokens": self.verbmem_max_new_tokens,
+            "text_max_length": self.text_max_length,
             "min_k_fraction": self.min_k_fraction,
             "grad_norm_p": self.grad_norm_p,
             "mcq_format": self.mcq_format,
             "max_samples": self.max_samples,
             "seed": self.seed,
+            "definitions": self.definitions,
         }
 
 
@@ -294,6 +341,20 @@ class TrackingConfig(Section):
 
 class ComputeConfig(Section):
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")
+
+
+class Params(Section):
+    """The whole params.yaml: one field per section, so a new field of any section class is checked
+    with no list of keys kept anywhere else. ``validate_params`` checks a file against it."""
+
+    benchmark: BenchmarkConfig = BenchmarkConfig()
+    model: ModelConfig = ModelConfig()
+    finetune: FinetuneConfig = FinetuneConfig()
+    unlearn: UnlearnConfig = UnlearnConfig()
+    attack: AttackConfig = AttackConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    compute: ComputeConfig = ComputeConfig()
 
 
 S = TypeVar("S", bound=Section)
@@ -313,19 +374,37 @@ def read_params(path: Path) -> dict[str, Any]:
 
 
 def load_section(path: Path, section: str, cls: type[S]) -> S:
-    """Validate the ``section`` of params file ``path`` into ``cls``.
+    """Validate the whole params file ``path`` (``validate_params``), then its ``section`` into ``cls``.
+
+    The whole file, not only ``section``: a typo in a section this stage does not read (an
+    ``unlearn.lr_typo`` seen by ``evaluate``) must not pass silently just because the stage that
+    reads it did not rerun.
 
     Raises:
         ConfigError: one line naming the dotted key, the value and what is allowed.
     """
-    raw = read_params(path).get(section) or {}
-    return parse_section(raw, section, cls)
+    raw = validate_params(path)
+    return parse_section(raw.get(section) or {}, section, cls)
+
+
+def validate_params(path: Path) -> dict[str, Any]:
+    """Check every section of params file ``path`` against ``Params``; return the raw mapping.
+
+    Unknown sections and unknown keys anywhere are errors, as are bad values. Sections written as
+    an empty key (``tracking:``) count as empty mappings.
+
+    Raises:
+        ConfigError: one line naming the dotted key (see ``load_section``).
+    """
+    raw = read_params(path)
+    parse_section({k: {} if v is None else v for k, v in raw.items()}, "", Params)
+    return raw
 
 
 def parse_section(raw: Any, section: str, cls: type[S]) -> S:
-    """Validate a mapping into ``cls``; errors are prefixed with ``section``."""
+    """Validate a mapping into ``cls``; errors are prefixed with ``section`` (none if empty)."""
     if not isinstance(raw, dict):
-        raise ConfigError(f"{section}: expected a mapping, got {raw!r}")
+        raise ConfigError(f"{section or 'params'}: expected a mapping, got {raw!r}")
     try:
         return cls.model_validate(raw)
     except ValidationError as exc:
@@ -335,10 +414,11 @@ def parse_section(raw: Any, section: str, cls: type[S]) -> S:
 def _one_line(exc: ValidationError, section: str, cls: type[Section]) -> str:
     err = exc.errors()[0]
     loc = [str(p) for p in err["loc"]]
-    key = ".".join([section, *loc])
+    key = ".".join([section, *loc] if section else loc)
     if err["type"] == "extra_forbidden":
         allowed = ", ".join(sorted(_fields_at(cls, loc[:-1])))
-        return f"unknown key {key}; allowed keys here: {allowed}"
+        what = "section" if cls is Params and len(loc) == 1 else "key"
+        return f"unknown {what} {key}; allowed {what}s here: {allowed}"
     if err["type"] == "missing":
         return f"missing key {key}"
     if err["type"] == "value_error" and isinstance(err.get("input"), dict):

@@ -16,6 +16,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from unlearnflow.errors import DataError
+
 
 def _umask() -> int:
     mask = os.umask(0)
@@ -78,8 +80,24 @@ def write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> int:
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """One JSON object per non-blank line.
+
+    Raises:
+        DataError: a line is not valid JSON or not an object (one line naming the file and line).
+    """
+    rows = []
     with Path(path).open() as fh:
-        return [json.loads(line) for line in fh if line.strip()]
+        for n, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path} line {n}: not valid JSON ({exc.msg})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path} line {n}: expected a JSON object, got {type(row).__name__}")
+            rows.append(row)
+    return rows
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:

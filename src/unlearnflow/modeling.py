@@ -7,6 +7,7 @@ read and written as safetensors only; ``trust_remote_code`` stays off unless the
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterable
 from pathlib import Path
@@ -24,10 +25,15 @@ SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>",
 def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int) -> Any:
     """Train a byte-level BPE tokenizer (GPT-2 style) on ``texts``; deterministic for the same texts.
 
+    The tokenizer adds BOS itself (a ``<s> $A`` post-processor, as Llama's does), so a tool that
+    loads the saved ``tokenizer.json`` and encodes with default special tokens gets the ids the
+    pipeline builds: ``data.tokenize`` encodes with ``add_special_tokens=False`` and puts BOS
+    in front itself, for this tokenizer and any other alike (never a double BOS).
+
     Returns:
         A ``transformers`` fast tokenizer with ``<pad>``, ``<s>``, ``</s>``, ``<unk>`` specials.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(unk_token=SPECIAL_TOKENS["unk_token"]))
@@ -40,6 +46,10 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int) -> Any:
         show_progress=False,
     )
     tok.train_from_iterator(list(texts), trainer=trainer)
+    bos = SPECIAL_TOKENS["bos_token"]
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A {bos}:1 $B:1", special_tokens=[(bos, tok.token_to_id(bos))]
+    )
     return PreTrainedTokenizerFast(tokenizer_object=tok, **SPECIAL_TOKENS)
 
 
@@ -122,7 +132,13 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     trust_remote_code: bool = False,
 ) -> torch.nn.Module:
-    """Load a causal LM from a local directory or hub id, safetensors weights only."""
+    """Load a causal LM from a local directory or hub id, safetensors weights only.
+
+    Raises:
+        UnlearnflowError: one line for a missing directory, a bad config, or weights that are not
+            readable safetensors (a truncated or corrupt ``model.safetensors``).
+    """
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
     _check_local(source)
@@ -130,6 +146,11 @@ def load_model(
         model = AutoModelForCausalLM.from_pretrained(
             str(source), dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code
         )
+    except SafetensorError as exc:
+        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UnlearnflowError(
+            f"cannot load model from {source}: its safetensors weights are truncated or corrupt ({detail})"
+        ) from None
     except (OSError, ValueError) as exc:
         raise UnlearnflowError(f"cannot load model from {source}: {exc}".splitlines()[0]) from exc
     return model.to(device)
@@ -140,6 +161,22 @@ def save_pretrained(model: torch.nn.Module, tokenizer: Any, out_dir: Path) -> No
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
+    _declare_portable_tokenizer_class(out_dir / "tokenizer_config.json")
+
+
+def _declare_portable_tokenizer_class(path: Path) -> None:
+    """Name the generic fast tokenizer ``PreTrainedTokenizerFast`` in ``tokenizer_config.json``.
+
+    transformers 5 writes its generic class as ``TokenizersBackend``, which transformers 4.x and
+    other tools do not know; ``PreTrainedTokenizerFast`` (5.x's alias of the same class) loads the
+    same ``tokenizer.json`` in both. A model-specific class is left as written.
+    """
+    if not path.is_file():
+        return
+    cfg = json.loads(path.read_text())
+    if cfg.get("tokenizer_class") == "TokenizersBackend":
+        cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+        path.write_text(json.dumps(cfg, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
 
 
 def pick_device(name: str = "auto") -> torch.device:

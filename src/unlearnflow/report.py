@@ -1,12 +1,19 @@
-"""The comparison report: summary.json, report.md and the forget-quality / utility trade-off plot.
+"""The comparison report over seeds: summary.json, report.md and the forget-quality / utility plot.
 
-Input: one ``eval/<name>/`` directory per evaluated model, holding ``metrics.json`` (a flat dict of
-floats, NaN allowed) and ``info.json`` (``model``: target | oracle | unlearned, and the ``method``,
-``optimizer`` and ``attack`` that produced it, each possibly null).
+Input: one ``eval/<name>/`` directory per evaluated model, holding ``metrics.json`` (a flat mapping of
+metric name → number, NaN allowed) and ``info.json`` (``model``: target | oracle | unlearned; the
+``method``, ``optimizer``, ``attack`` and unlearn ``seed`` that produced it, each possibly null); and,
+for an unlearned model, its unlearn item's ``health.json`` (``{"flags": [one-line strings]}``; absent
+for adopted or older models, which is fine).
+
+The statistics over seeds (``spread``): unlearned models grouped by method × optimizer × attack,
+n, mean ± sample sd of every metric (forget_quality also on log10), and which pairs of rows their
+spreads separate. This module reads and checks the inputs and writes the three outputs.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from collections.abc import Sequence
@@ -14,56 +21,123 @@ from pathlib import Path
 from typing import Any
 
 from unlearnflow.errors import UnlearnflowError
-from unlearnflow.io import atomic_file, read_json, write_json
+from unlearnflow.io import atomic_file, write_json
+from unlearnflow.spread import GROUP_KEYS, ID_KEYS, LOG_METRICS, RESERVED, finite, point_label
 
 log = logging.getLogger(__name__)
 
-ID_KEYS = ("model", "method", "optimizer", "attack")
 LEAD_METRICS = ("forget_quality", "model_utility", "privleak")
 MODELS = ("target", "oracle", "unlearned")
 DASH = "–"
+WARN = "⚠"
 
 LEGEND = (
     "- **forget_quality**: KS-test p-value of the forget-set truth ratios against the oracle's "
-    "(retrained without the forget set); higher = closer to the oracle.\n"
+    "(retrained without the forget set); higher = closer to the oracle. It spans orders of magnitude, "
+    "so **log10 forget_quality** (mean ± sd of log10 over seeds; 10^mean is the geometric mean) is "
+    "the column to compare; a p-value of 0 counts as 2.2e-308.\n"
     "- **model_utility**: harmonic mean of the benchmark's utility-split metrics (TOFU: retain, real "
     "authors, world facts); higher = better.\n"
     "- **privleak**: Min-K% membership AUC relative to the oracle's, ×100; 0 = like the oracle, "
     "−100 = the forget set is recognised as training data. `mia_*`: ROC-AUC of forget vs holdout "
     "(0.5 = indistinguishable). Definitions: docs/metrics.md.\n"
-    f"- Numbers to 4 significant digits; {DASH} = not available (NaN)."
+    "- **mean ± sd**: over the n unlearn seeds of a row; sd is the sample standard deviation "
+    "(n − 1 denominator). Target and oracle are single models (n = 1, no spread).\n"
+    f"- **health**: `ok`, or {WARN} with the seeds whose unlearn run was flagged (diverging loss, "
+    f"stalled gradients); {DASH} = not recorded.\n"
+    f"- Numbers to 4 significant digits; {DASH} = not available (NaN, or missing in some seed)."
 )
 
 
-def collect_rows(eval_dirs: Sequence[Path]) -> list[dict]:
-    """One row per eval directory: ``model, method, optimizer, attack`` then every metric.
+# ---------------------------------------------------------------------------------------------- read
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UnlearnflowError(
+            f"{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})"
+        ) from None
+    except UnicodeDecodeError:
+        raise UnlearnflowError(f"{path}: not UTF-8 text") from None
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def read_metrics(path: Path) -> dict[str, float]:
+    """``metrics.json``: a flat mapping of metric name → number; anything else is a one-line error."""
+    data = _read_json(path)
+    if not isinstance(data, dict):
+        raise UnlearnflowError(
+            f"{path}: expected a flat mapping of metric name → number, got {type(data).__name__}"
+        )
+    for key, value in data.items():
+        if not _is_number(value):
+            raise UnlearnflowError(
+                f"{path}: expected a flat mapping of metric name → number; {key!r} is {value!r}"
+            )
+    clash = set(RESERVED) & set(data)
+    if clash:
+        raise UnlearnflowError(f"{path}: reserved keys {sorted(clash)}")
+    return {k: float(v) for k, v in data.items()}
+
+
+def read_info(path: Path) -> dict[str, Any]:
+    """``info.json``: the model kind (one of ``MODELS``), method / optimizer / attack (string or
+    null) and seed (integer or null); wrong types are a one-line error."""
+    data = _read_json(path)
+    if not isinstance(data, dict):
+        raise UnlearnflowError(f"{path}: expected a mapping, got {type(data).__name__}")
+    if data.get("model") not in MODELS:
+        raise UnlearnflowError(f"{path}: model must be one of {MODELS}, got {data.get('model')!r}")
+    for key in ("method", "optimizer", "attack"):
+        if not (data.get(key) is None or isinstance(data[key], str)):
+            raise UnlearnflowError(f"{path}: {key} must be a string or null, got {data[key]!r}")
+    seed = data.get("seed")
+    if not (seed is None or (isinstance(seed, int) and not isinstance(seed, bool))):
+        raise UnlearnflowError(f"{path}: seed must be an integer or null, got {seed!r}")
+    return {k: data.get(k) for k in ID_KEYS}
+
+
+def read_health(path: Path) -> list[str] | None:
+    """The flags of ``health.json`` (``{"flags": [str, ...]}``); ``None`` when the file is absent."""
+    if not path.exists():
+        return None
+    data = _read_json(path)
+    flags = data.get("flags") if isinstance(data, dict) else None
+    if not (isinstance(flags, list) and all(isinstance(f, str) for f in flags)):
+        raise UnlearnflowError(f'{path}: expected {{"flags": [strings]}}, got {data!r}')
+    return flags
+
+
+def collect_rows(eval_dirs: Sequence[Path], health_files: Sequence[Path | None] | None = None) -> list[dict]:
+    """One row per eval directory: ``model, method, optimizer, attack, seed, health``, then every metric.
 
     Rows are ordered target first, oracle second, then unlearned models sorted by
-    ``(method, optimizer, attack)`` (``None`` first, then the ``none`` attack, then the others).
+    ``(method, optimizer, attack, seed)`` (``None`` first; the ``none`` attack before the others).
 
     Args:
         eval_dirs: directories each holding ``metrics.json`` and ``info.json``.
+        health_files: per directory, the ``health.json`` of the unlearn run behind it (or ``None``).
 
     Returns:
-        The rows, as plain dicts.
+        The rows, as plain dicts; ``health`` is the list of flags, or ``None`` when not recorded.
 
     Raises:
-        UnlearnflowError: a file is missing or ``info.json`` names an unknown model kind.
+        UnlearnflowError: one line naming a missing or malformed file.
     """
+    health_files = list(health_files) if health_files is not None else [None] * len(eval_dirs)
     rows = []
-    for d in map(Path, eval_dirs):
-        try:
-            info, metrics = read_json(d / "info.json"), read_json(d / "metrics.json")
-        except FileNotFoundError as e:
-            raise UnlearnflowError(f"eval directory {d} is incomplete: {e.filename} is missing") from e
-        if info.get("model") not in MODELS:
-            raise UnlearnflowError(
-                f"{d / 'info.json'}: model must be one of {MODELS}, got {info.get('model')!r}"
-            )
-        clash = set(ID_KEYS) & set(metrics)
-        if clash:
-            raise UnlearnflowError(f"{d / 'metrics.json'}: reserved keys {sorted(clash)}")
-        rows.append({**{k: info.get(k) for k in ID_KEYS}, **metrics})
+    for d, health in zip(map(Path, eval_dirs), health_files, strict=True):
+        missing = [f for f in ("info.json", "metrics.json") if not (d / f).exists()]
+        if missing:
+            raise UnlearnflowError(f"eval directory {d} is incomplete: {d / missing[0]} is missing")
+        info, metrics = read_info(d / "info.json"), read_metrics(d / "metrics.json")
+        flags = read_health(Path(health)) if health is not None else None
+        rows.append({**info, "health": flags, **metrics})
     return sorted(rows, key=_row_order)
 
 
@@ -71,18 +145,28 @@ def _row_order(row: dict) -> tuple:
     method, optimizer = ((row[k] is not None, row[k] or "") for k in ("method", "optimizer"))
     # The unattacked model ("none") leads its attacks: the baseline each attack is read against.
     attack = (row["attack"] not in (None, "none"), row["attack"] or "")
-    return (MODELS.index(row["model"]), method, optimizer, attack)
+    seed = (row.get("seed") is not None, row.get("seed") or 0)
+    return (MODELS.index(row["model"]), method, optimizer, attack, seed)
 
 
-def write_summary(rows: Sequence[dict], path: Path) -> None:
-    """Write the rows as a JSON list (NaN as ``NaN``, keys sorted), atomically."""
-    write_json(path, list(rows))
+# ------------------------------------------------------------------------------------------- write
+
+
+def write_summary(
+    rows: Sequence[dict], groups: Sequence[dict], comparisons: Sequence[dict], path: Path
+) -> None:
+    """Write ``summary.json`` atomically (NaN as ``NaN``, keys sorted):
+
+    ``{"runs": [one row per evaluated model and seed, as collect_rows], "groups": [one per method ×
+    optimizer × attack, and target / oracle, as group_rows], "comparisons": [as compare_groups]}``.
+    """
+    write_json(path, {"runs": list(rows), "groups": list(groups), "comparisons": list(comparisons)})
 
 
 def metric_columns(rows: Sequence[dict]) -> list[str]:
     """The lead metrics (forget_quality, model_utility, privleak) that any row has, then every other
     metric found in any row, sorted."""
-    present = {k for r in rows for k in r} - set(ID_KEYS)
+    present = {k for r in rows for k in r} - set(RESERVED)
     return [m for m in LEAD_METRICS if m in present] + sorted(present - set(LEAD_METRICS))
 
 
@@ -100,61 +184,171 @@ def format_value(key: str, value: Any) -> str:
     return f"{value:.4g}"
 
 
-def write_markdown(rows: Sequence[dict], path: Path) -> None:
-    """Write ``report.md``: a title, a legend and one table row per evaluated model, atomically.
+def format_mean_sd(key: str, mean: float, sd: float) -> str:
+    """``mean ± sd`` (each as ``format_value``); the mean alone when sd is undefined (n = 1)."""
+    if not finite(sd):
+        return format_value(key, mean)
+    return f"{format_value(key, mean)} ± {format_value(key, sd) if sd else '0'}"
 
-    Columns: ``model, method, optimizer, attack, forget_quality, model_utility``, then every other
-    metric in sorted order.
+
+def health_cell(group: dict) -> str:
+    """``⚠ s1, s2`` (flagged seeds), ``ok``, ``ok (k of n recorded)`` or ``–`` (none recorded)."""
+    if group["flagged_seeds"]:
+        return f"{WARN} " + ", ".join(f"s{s}" for s in group["flagged_seeds"])
+    if not group["health_recorded"]:
+        return DASH
+    if group["health_recorded"] < group["n"]:
+        return f"ok ({group['health_recorded']} of {group['n']} recorded)"
+    return "ok"
+
+
+def flagged_runs(rows: Sequence[dict]) -> dict[str, list[str]]:
+    """Unlearn item (``<method>-<optimizer>-s<seed>``) → its health flags, for every flagged run.
+
+    The attacks on one unlearned model share its run: each flagged run appears once.
     """
-    columns = [*ID_KEYS, *metric_columns(rows)]
+    flagged: dict[str, list[str]] = {}
+    for r in rows:
+        if r.get("health"):
+            flagged.setdefault(f"{r['method']}-{r['optimizer']}-s{r.get('seed')}", r["health"])
+    return flagged
+
+
+def health_warning(rows: Sequence[dict]) -> list[str]:
+    """The report's top lines when any unlearn run was flagged: one per flagged run and flag."""
+    flagged = flagged_runs(rows)
+    if not flagged:
+        return []
+    lines = [
+        f"> **{WARN} {len(flagged)} unlearn run(s) flagged unhealthy**: their numbers, and the mean ± sd "
+        "of every row that includes them, are suspect.",
+    ]
+    lines += [f"> - `{item}`: {flag}" for item, flags in flagged.items() for flag in flags]
+    return [*lines, ""]
+
+
+def _table(header: Sequence[str], body: Sequence[Sequence[str]], n_left: int) -> list[str]:
+    return [
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join("---" if i < n_left else "---:" for i in range(len(header))) + "|",
+        *("| " + " | ".join(cells) + " |" for cells in body),
+    ]
+
+
+def separation_lines(comparisons: Sequence[dict]) -> list[str]:
+    """The 'what holds across seeds' section: per metric, separated pairs, then overlapping ones."""
+    lines = [
+        "## Which differences hold across seeds",
+        "",
+        "Per metric, pairs of rows whose mean ± sd intervals do not overlap (*separated*: the seeds "
+        "agree on the order) and pairs whose intervals overlap (*not separated*: the difference is "
+        "within the seed-to-seed spread). forget_quality is compared on log10. A screen, not a test.",
+        "",
+    ]
+    for metric in dict.fromkeys(c["metric"] for c in comparisons):
+        mine = [c for c in comparisons if c["metric"] == metric]
+        scale = " (log10)" if mine[0]["scale"] == "log10" else ""
+        lines.append(f"**{metric}{scale}**")
+        lines.append("")
+        for status, title in (
+            ("separated", "separated"),
+            ("overlap", "not separated"),
+            ("no spread", "no spread to compare (n = 1 on both sides)"),
+        ):
+            pairs = [c for c in mine if c["status"] == status]
+            if not pairs:
+                continue
+            if status == "separated":
+                text = [f"`{c['higher']}` > `{c['b'] if c['higher'] == c['a'] else c['a']}`" for c in pairs]
+            else:
+                text = [f"`{c['a']}` ~ `{c['b']}`" for c in pairs]
+            lines.append(f"- {title}: " + "; ".join(text))
+        lines.append("")
+    return lines
+
+
+def write_markdown(
+    rows: Sequence[dict], groups: Sequence[dict], comparisons: Sequence[dict], path: Path
+) -> None:
+    """Write ``report.md`` atomically: a health warning when any run was flagged, a legend, the table
+    of rows (mean ± sd over seeds), which pairs of rows their spreads separate, and every run.
+
+    Main columns: ``model, method, optimizer, attack, n, health, forget_quality, log10 forget_quality,
+    model_utility, privleak``, then every other metric in sorted order.
+    """
+    metrics = metric_columns(rows)
+    cols = [c for m in metrics for c in ([m, f"log10 {m}"] if m in LOG_METRICS else [m])]
+    body = []
+    for g in groups:
+        cells = [format_value(k, g[k]) for k in GROUP_KEYS] + [str(g["n"]), health_cell(g)]
+        for c in cols:
+            stat, m = ("log10_", c.removeprefix("log10 ")) if c.startswith("log10 ") else ("", c)
+            key = "log10" if stat else m
+            cells.append(
+                format_mean_sd(key, g[f"{stat}mean"].get(m, math.nan), g[f"{stat}sd"].get(m, math.nan))
+            )
+        body.append(cells)
+    runs = [
+        [format_value(k, r.get(k)) for k in ID_KEYS]
+        + [
+            DASH
+            if r.get("health") is None
+            else (f"{WARN} " + "; ".join(r["health"]) if r["health"] else "ok")
+        ]
+        + [format_value(m, r.get(m)) for m in metrics]
+        for r in rows
+    ]
     lines = [
         "# Unlearning report",
         "",
+        *health_warning(rows),
         LEGEND,
         "",
-        "| " + " | ".join(columns) + " |",
-        "|" + "|".join("---" if c in ID_KEYS else "---:" for c in columns) + "|",
+        *_table([*GROUP_KEYS, "n", "health", *cols], body, len(GROUP_KEYS) + 2),
+        "",
+        *separation_lines(comparisons),
+        "## Every run",
+        "",
+        *_table([*ID_KEYS, "health", *metrics], runs, len(ID_KEYS) + 1),
     ]
-    for row in rows:
-        lines.append("| " + " | ".join(format_value(c, row.get(c)) for c in columns) + " |")
     with atomic_file(path) as tmp:
         tmp.write_text("\n".join(lines) + "\n")
 
 
-def point_label(row: dict) -> str:
-    """``method/optimizer/attack`` with missing parts left out; the model kind for target and oracle."""
-    if row["model"] != "unlearned":
-        return row["model"]
-    return "/".join(str(row[k]) for k in ID_KEYS[1:] if row.get(k) is not None) or "unlearned"
-
-
-def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not math.isnan(value)
-
-
-def plot_tradeoff(rows: Sequence[dict], path: Path) -> None:
-    """Save ``tradeoff.png``: model_utility (x) against forget_quality (y, log scale), one point per row.
+def plot_tradeoff(groups: Sequence[dict], path: Path) -> None:
+    """Save ``tradeoff.png``: model_utility (x) against forget_quality (y, log scale), one point per
+    row with error bars of ± 1 sd over seeds (forget_quality: its geometric mean, bars ± 1 sd of log10).
 
     Benchmarks without forget quality (MUSE, WMDP, custom) plot privleak instead (linear scale:
-    −100 = the forget set fully recognised, 0 = like the oracle). A forget_quality of 0 is drawn at
-    the floor of the axis (a tenth of the smallest positive value, or 1e-300 when none is positive)
-    with a hollow marker; rows with a missing coordinate are left out. Target and oracle get their
-    own markers. Written atomically at 120 dpi.
+    −100 = the forget set fully recognised, 0 = like the oracle). A row whose forget_quality is 0 in
+    some seed is drawn hollow at no lower than a tenth of the smallest other point; a row with a
+    flagged seed is labelled ⚠; rows with a missing coordinate are left out. Written atomically at 120 dpi.
     """
     from matplotlib.figure import Figure  # Agg canvas, no pyplot state
 
     y_key = "forget_quality"
-    if not any(_finite(r.get(y_key)) for r in rows) and any(_finite(r.get("privleak")) for r in rows):
+    if not any(finite(g["mean"].get(y_key)) for g in groups) and any(
+        finite(g["mean"].get("privleak")) for g in groups
+    ):
         y_key = "privleak"
     points = []
-    for row in rows:
-        x, y = row.get("model_utility"), row.get(y_key)
-        if not (_finite(x) and _finite(y)):
-            log.warning("%s: no model_utility or %s, not plotted", point_label(row), y_key)
+    for g in groups:
+        x, y = g["mean"].get("model_utility"), g["mean"].get(y_key)
+        if not (finite(x) and finite(y)):
+            log.warning("%s: no model_utility or %s, not plotted", point_label(g), y_key)
             continue
-        points.append((row, float(x), float(y)))
-    positive = [y for _, _, y in points if y > 0]
-    floor = (min(positive) / 10 if positive else 1e-300) if y_key == "forget_quality" else -math.inf
+        xerr = g["sd"].get("model_utility", math.nan)
+        if y_key == "forget_quality":
+            lm, ls = g["log10_mean"][y_key], g["log10_sd"].get(y_key, math.nan)
+            y = 10.0**lm
+            yerr = [[y - 10.0 ** (lm - ls)], [10.0 ** (lm + ls) - y]] if finite(ls) else None
+            zero = g["zeros"].get(y_key, 0) > 0
+        else:
+            sd = g["sd"].get(y_key, math.nan)
+            yerr, zero = ([[sd], [sd]] if finite(sd) else None), False
+        points.append((g, float(x), float(y), xerr if finite(xerr) else None, yerr, zero))
+    fine = [y for _, _, y, _, _, zero in points if not zero and y > 0]
+    floor = min(fine) / 10 if fine else 1e-300
 
     style = {
         "target": {"marker": "X", "color": "tab:red", "s": 90},
@@ -164,32 +358,45 @@ def plot_tradeoff(rows: Sequence[dict], path: Path) -> None:
     fig = Figure(figsize=(8, 6))
     ax = fig.add_subplot()
     seen: set[str] = set()
-    for row, x, y in points:
-        kind = row["model"]
+    for g, x, y, xerr, yerr, zero in points:
+        kind = g["model"]
         st = dict(style[kind])
-        if kind == "unlearned" and row.get("attack") is not None:
+        if kind == "unlearned" and g.get("attack") not in (None, "none"):
             st.update(marker="^", color="tab:orange")
             legend = "unlearned + attack"
         else:
             legend = kind
-        clipped = y_key == "forget_quality" and y <= 0
+        y_at = max(y, floor) if zero else y
+        if xerr is not None or yerr is not None:
+            ax.errorbar(
+                [x],
+                [y_at],
+                xerr=xerr,
+                yerr=None if zero else yerr,
+                fmt="none",
+                ecolor=st["color"],
+                alpha=0.6,
+                capsize=3,
+                zorder=2,
+            )
         ax.scatter(
             [x],
-            [max(y, floor)],
+            [y_at],
             marker=st["marker"],
             s=st["s"],
-            facecolors="none" if clipped else st["color"],
+            facecolors="none" if zero else st["color"],
             edgecolors=st["color"],
             label=None if legend in seen else legend,
             zorder=3,
         )
         seen.add(legend)
-        text = point_label(row) + (" (fq=0)" if clipped else "")
-        ax.annotate(text, (x, max(y, floor)), textcoords="offset points", xytext=(5, 4), fontsize=7)
-    ax.set_xlabel("model_utility (higher = better)")
+        text = point_label(g) + (f" n={g['n']}" if g["n"] > 1 else "") + (" (fq=0)" if zero else "")
+        text += f" {WARN}" if g["flagged_seeds"] else ""
+        ax.annotate(text, (x, y_at), textcoords="offset points", xytext=(5, 4), fontsize=7)
+    ax.set_xlabel("model_utility (higher = better; bars: ± 1 sd over seeds)")
     if y_key == "forget_quality":
         ax.set_yscale("log")
-        ax.set_ylabel("forget_quality (KS p-value vs oracle, log)")
+        ax.set_ylabel("forget_quality (KS p vs oracle, log): geometric mean, bars ± 1 sd of log10")
         ax.set_title("Forget quality vs model utility")
     else:
         ax.set_ylabel("privleak (0 = oracle, −100 = forget set recognised)")

@@ -29,16 +29,97 @@ from unlearnflow.optim import build_optimizer
 
 log = logging.getLogger(__name__)
 
+# Health checks (``health_flags``): a run that blows up or stops moving still "finishes", so the
+# loop says so instead of passing a broken model on silently. The thresholds, and why:
+# * stalled: a global gradient norm ≤ 1e-12 is no small learning rate but a flat surface (a softmax
+#   saturated after a blow-up, underflow, a dead model); such steps cannot move first-order weights.
+#   One or two can be legitimate (a micro-batch whose answers were all cut by max_length), so the
+#   flag needs ≥ max(5, 10%) of the steps (every step of a run shorter than 5).
+STALL_GRAD_NORM = 1e-12
+STALL_MIN_STEPS, STALL_MIN_FRACTION = 5, 0.1
+# * diverged: a minimised per-token NLL/KL that ends above 2·max(its start, ln V), ln V being the
+#   NLL of a uniform prediction over the vocabulary. A healthy fine-tune goes down from about ln V;
+#   GradDiff's retain term may rise while forgetting, but ending twice worse than both the start and
+#   guessing uniformly means confidently wrong predictions: a blow-up, not a trade-off. The total
+#   ``loss`` is not read: gradient ascent's forget term legitimately makes it unbounded below.
+DIVERGE_FACTOR = 2.0
+# * collapsed: the gradient-ascent forget NLL (−forget_loss) ending above 2·ln V: the forget answers
+#   get far less than uniform probability (below 1/V² per token), i.e. the model avoids them rather
+#   than having forgotten them (a model that never saw them, the oracle, sits below ln V). Metrics
+#   read there (truth ratio, forget quality) are in the degenerate regime of ALGORITHMS.md §5.
+COLLAPSE_FACTOR = 2.0
+# "Ended" = the mean over the last max(1, 10%) steps, so one noisy last batch does not decide.
+END_WINDOW_FRACTION = 0.1
+# Minimised per-token statistics a method may log: sft's "nll", grad_diff's "retain_loss" (NLL or KL).
+DESCENT_STATS = ("nll", "retain_loss")
+
 
 @dataclass
 class TrainResult:
-    """What a training run produced besides the updated model."""
+    """What a training run produced besides the updated model.
+
+    ``health`` holds one line per problem found by :func:`health_flags` (empty when healthy).
+    """
 
     steps: int
     rows: list[dict[str, float]] = field(default_factory=list)
     stopped_early: str | None = None
     wall_time: float = 0.0
     method_state: dict[str, Any] = field(default_factory=dict)
+    health: list[str] = field(default_factory=list)
+
+
+def _end_mean(values: Sequence[float]) -> float:
+    window = max(1, math.ceil(END_WINDOW_FRACTION * len(values)))
+    return sum(values[-window:]) / window
+
+
+def health_flags(trace: Sequence[Mapping[str, float]], *, vocab_size: int | None) -> list[str]:
+    """Flags of an unhealthy run from its per-step statistics (thresholds: see the module constants).
+
+    Args:
+        trace: one mapping per optimizer step, with any of ``grad_norm`` (global norm before
+            clipping), the minimised per-token losses in ``DESCENT_STATS`` and ``forget_nll`` (the
+            per-token forget NLL of a gradient-ascent-family method).
+        vocab_size: V of the model's output layer; ln V is the uniform-prediction NLL. ``None``:
+            the bounds use the start values alone.
+
+    Returns:
+        One-line strings starting with ``stalled:``, ``diverged:`` or ``collapsed:``; empty when
+        none applies.
+    """
+    flags: list[str] = []
+    if not trace:
+        return flags
+    ln_v = math.log(vocab_size) if vocab_size else 0.0
+    norms = [row["grad_norm"] for row in trace if "grad_norm" in row]
+    if norms:
+        stalled = [i for i, g in enumerate(norms) if g <= STALL_GRAD_NORM]
+        need = min(len(norms), max(STALL_MIN_STEPS, math.ceil(STALL_MIN_FRACTION * len(norms))))
+        if len(stalled) >= need:
+            flags.append(
+                f"stalled: gradient norm <= {STALL_GRAD_NORM:g} on {len(stalled)} of {len(norms)} steps "
+                f"(first at step {stalled[0] + 1}); the weights stopped moving"
+            )
+    for key in DESCENT_STATS:
+        values = [row[key] for row in trace if key in row]
+        if not values:
+            continue
+        end, bound = _end_mean(values), DIVERGE_FACTOR * max(values[0], ln_v)
+        if not end <= bound:  # also catches NaN
+            flags.append(
+                f"diverged: {key} ended at {end:.4g} nats/token > {DIVERGE_FACTOR:g}·max(start {values[0]:.4g}, "
+                f"ln V {ln_v:.4g}) = {bound:.4g}"
+            )
+    forget = [row["forget_nll"] for row in trace if "forget_nll" in row]
+    if forget and ln_v > 0:
+        end, bound = _end_mean(forget), COLLAPSE_FACTOR * ln_v
+        if not end <= bound:
+            flags.append(
+                f"collapsed: forget NLL ended at {end:.4g} nats/token > {COLLAPSE_FACTOR:g}·ln V = {bound:.4g} "
+                "(below-uniform likelihood on the forget set)"
+            )
+    return flags
 
 
 def lr_factor(step: int, *, warmup: int, total: int, schedule: str) -> float:
@@ -77,6 +158,11 @@ def _answer_tokens(sub: Mapping[str, torch.Tensor]) -> int:
     return int((sub["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 
+def _vocab_size(model: torch.nn.Module) -> int | None:
+    size = getattr(getattr(model, "config", None), "vocab_size", None)
+    return int(size) if size else None
+
+
 def run(
     model: torch.nn.Module,
     method: Method,
@@ -108,7 +194,8 @@ def run(
         desc: progress-bar label.
 
     Returns:
-        A ``TrainResult`` with the per-step rows.
+        A ``TrainResult`` with the per-step rows and the run's health flags (also logged as a
+        warning): see :func:`health_flags`; non-finite weights at the end are flagged ``diverged``.
 
     Raises:
         UnlearnflowError: a missing stream, an empty stream, or a non-finite loss.
@@ -151,6 +238,9 @@ def run(
     )
 
     result = TrainResult(steps=0)
+    # The gradient-ascent family logs forget_loss = −NLL on the forget set (losses.grad_ascent_loss).
+    ascent = getattr(method, "forget_loss", None) == "grad_ascent"
+    trace: list[dict[str, float]] = []
     start = time.perf_counter()
     model.train()
     bar = tqdm(
@@ -187,8 +277,11 @@ def run(
                 total_loss += loss.detach()
                 for k, v in st.items():
                     stats[k] = stats.get(k, 0.0) + v / len(micro)
-            if grad and cfg.max_grad_norm is not None:
-                last["grad_norm"] = float(accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm))
+            if grad:
+                # Without clipping, a max norm of inf still returns the norm (the health checks need
+                # it every step) and scales the gradients by exactly min(1, inf) = 1.
+                max_norm = math.inf if cfg.max_grad_norm is None else cfg.max_grad_norm
+                last["grad_norm"] = float(accelerator.clip_grad_norm_(model.parameters(), max_norm))
             last["stats"], last["loss"] = stats, float(total_loss)
             return total_loss
 
@@ -204,6 +297,9 @@ def run(
         row = {"loss": loss, **last.get("stats", {}), **method.after_step(last.get("stats", {}))}
         if "grad_norm" in last:
             row["grad_norm"] = last["grad_norm"]
+        trace.append({k: row[k] for k in ("grad_norm", *DESCENT_STATS) if k in row})
+        if ascent and "forget_loss" in row:
+            trace[-1]["forget_nll"] = -row["forget_loss"]
         row.update(
             lr=sched.get_last_lr()[0], epoch=(step + 1) / steps_per_epoch, time=time.perf_counter() - start
         )
@@ -219,5 +315,13 @@ def run(
     bar.close()
     result.wall_time = time.perf_counter() - start
     result.method_state = method.state_dict()
+    result.health = health_flags(trace, vocab_size=_vocab_size(accelerator.unwrap_model(model)))
+    bad = [n for n, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+    if bad:  # a non-finite gradient on the last step leaves a finite loss and broken weights
+        result.health.append(
+            f"diverged: {len(bad)} parameter tensors hold NaN/inf at the end (e.g. {bad[0]})"
+        )
+    for flag in result.health:
+        log.warning("%s: unhealthy run: %s", desc, flag)
     accelerator.free_memory()
     return result

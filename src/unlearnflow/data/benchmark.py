@@ -11,8 +11,9 @@ Kinds (the columns a row must have):
   ``perturbed_answer`` (list of str, the same length on every row). TOFU forget/retain/holdout.
 * ``options``: ``question``, ``answer``, ``perturbed_answer`` (list, >= 1). TOFU real authors /
   world facts: the answer competes with its perturbed versions.
-* ``knowmem``: ``question``, ``answer``; optional ``context`` (a few-shot prefix put before the
-  prompt). MUSE knowledge memorisation.
+* ``knowmem``: ``question``, ``answer``; optional ``few_shot`` (a list of ``{question, answer}``
+  examples, rendered in the model's prompt format before the question) and ``context`` (a literal
+  prefix put before the prompt). MUSE knowledge memorisation.
 * ``completion``: ``prompt``, ``gt``. MUSE verbatim memorisation (continue a passage).
 * ``text``: ``text``. Raw corpora (MUSE raw / privleak, WMDP corpora, a custom plain-text set).
 * ``mcq``: ``question``, ``choices`` (list of >= 2 str), ``answer`` (int index). WMDP, MMLU.
@@ -28,7 +29,7 @@ Roles:
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from unlearnflow.errors import UnlearnflowError
@@ -37,6 +38,22 @@ KINDS = ("qa", "options", "knowmem", "completion", "text", "mcq")
 ROLES = ("forget", "utility", "mia", "train")
 MODEL_ROLES = ("target", "oracle")
 STREAMS = ("forget", "retain")
+# Generation cap of qa / options answers (ROUGE) unless a benchmark sets its own: the reference's
+# max_new_tokens (open-unlearning configs/generation/default.yaml, used by its TOFU eval).
+REFERENCE_MAX_NEW_TOKENS = 200
+PERTURBED_COLUMNS = frozenset({"paraphrased_answer", "perturbed_answer"})  # a qa split's truth-ratio inputs
+
+# kind -> the metrics a utility split of that kind puts into model_utility (metrics/suite.py
+# registers the same kinds; tests/test_suite.py checks the two agree). qa: truth_ratio only
+# when the split is ``perturbed``.
+UTILITY_METRICS: dict[str, tuple[str, ...]] = {
+    "qa": ("prob", "rouge", "truth_ratio"),
+    "options": ("prob", "rouge", "truth_ratio"),
+    "knowmem": ("knowmem",),
+    "completion": ("verbmem",),
+    "text": ("prob",),
+    "mcq": ("mcq_accuracy",),
+}
 
 # kind -> (required columns, list-valued columns among them or optional)
 _REQUIRED: dict[str, tuple[str, ...]] = {
@@ -47,14 +64,25 @@ _REQUIRED: dict[str, tuple[str, ...]] = {
     "text": ("text",),
     "mcq": ("question", "choices", "answer"),
 }
+# kind -> optional columns: on every row of a split or on none (``check_rows``).
+_OPTIONAL: dict[str, tuple[str, ...]] = {
+    "qa": ("paraphrased_answer", "paraphrased_question", "perturbed_answer"),
+    "options": ("paraphrased_answer", "paraphrased_question"),
+}
 
 
 @dataclass(frozen=True)
 class SplitInfo:
-    """How one split is read (``kind``) and what it is for (``role``)."""
+    """How one split is read (``kind``) and what it is for (``role``).
+
+    ``perturbed`` (``qa`` only): every row carries ``paraphrased_answer`` and ``perturbed_answer``,
+    so the truth ratio applies. ``Benchmark.layout`` derives it from the rows; it fixes which
+    metrics enter ``model_utility`` (``Layout.utility_components``).
+    """
 
     kind: str
     role: str
+    perturbed: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -75,6 +103,9 @@ class Benchmark:
         mia: ``(members, non_members)`` splits of the membership-inference attacks, or None.
         forget_quality: the split whose per-sample truth ratios enter the KS test against the
             oracle (TOFU's forget split), or None when the benchmark has no such split.
+        max_new_tokens: the default generation cap of qa / options answers (``rouge``), used
+            when ``evaluate.max_new_tokens`` is null; the reference's 200 unless the benchmark's
+            answers provably fit in fewer (the embedded one).
     """
 
     splits: dict[str, list[dict[str, Any]]]
@@ -84,6 +115,7 @@ class Benchmark:
     mia: tuple[str, str] | None = None
     forget_quality: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    max_new_tokens: int = REFERENCE_MAX_NEW_TOKENS
 
     def __post_init__(self) -> None:
         self.validate()
@@ -118,8 +150,15 @@ class Benchmark:
 
     @property
     def layout(self) -> Layout:
-        """Everything but the rows: what the manifest stores and later stages read."""
-        return Layout(self.info, self.train, self.unlearn, self.mia, self.forget_quality)
+        """Everything but the rows: what the manifest stores and later stages read (with each
+        ``qa`` split's ``perturbed`` flag read off its rows)."""
+        info = {
+            n: replace(i, perturbed=all(r.keys() >= PERTURBED_COLUMNS for r in self.splits[n]))
+            if i.kind == "qa"
+            else i
+            for n, i in self.info.items()
+        }
+        return Layout(info, self.train, self.unlearn, self.mia, self.forget_quality, self.max_new_tokens)
 
     def to_manifest(self) -> dict[str, Any]:
         """The JSON structure stored under ``"benchmark"`` in the splits manifest."""
@@ -135,6 +174,7 @@ class Layout:
     unlearn: dict[str, str]
     mia: tuple[str, str] | None
     forget_quality: str | None
+    max_new_tokens: int = REFERENCE_MAX_NEW_TOKENS
 
     @classmethod
     def from_manifest(cls, data: Mapping[str, Any]) -> Layout:
@@ -145,32 +185,77 @@ class Layout:
                 unlearn=dict(data["unlearn"]),
                 mia=tuple(data["mia"]) if data.get("mia") else None,  # type: ignore[arg-type]
                 forget_quality=data.get("forget_quality"),
+                max_new_tokens=int(data.get("max_new_tokens", REFERENCE_MAX_NEW_TOKENS)),
             )
         except (KeyError, TypeError) as exc:
             raise UnlearnflowError(f"malformed benchmark layout in the splits manifest: {exc}") from None
 
     def to_manifest(self) -> dict[str, Any]:
         return {
-            "splits": {n: {"kind": i.kind, "role": i.role} for n, i in self.info.items()},
+            "splits": {n: _info_manifest(i) for n, i in self.info.items()},
             "train": {r: list(v) for r, v in self.train.items()},
             "unlearn": dict(self.unlearn),
             "mia": list(self.mia) if self.mia else None,
             "forget_quality": self.forget_quality,
+            "max_new_tokens": self.max_new_tokens,
         }
 
     def evaluated(self) -> list[str]:
         """Splits the evaluate stage scores (every role except ``train``), in ``info`` order."""
         return [n for n, i in self.info.items() if i.role != "train"]
 
+    def utility_components(self) -> list[str]:
+        """The ``<split>_<metric>`` aggregates whose harmonic mean is ``model_utility``.
+
+        Fixed by the benchmark, not by ``evaluate.metrics``: every ``utility`` split contributes
+        the metrics of its kind (``UTILITY_METRICS``; a ``qa`` split its truth ratio only when its
+        rows carry paraphrased and perturbed answers). TOFU gives open-unlearning's nine
+        (``configs/eval/tofu_metrics/model_utility.yaml``: retain, real_authors, world_facts ×
+        prob, rouge, truth_ratio); MUSE its knowmem on retain; WMDP its MMLU accuracies.
+        """
+        return [
+            f"{name}_{metric}"
+            for name, info in self.info.items()
+            if info.role == "utility"
+            for metric in UTILITY_METRICS[info.kind]
+            if metric != "truth_ratio" or info.kind != "qa" or info.perturbed
+        ]
+
+
+def _info_manifest(info: SplitInfo) -> dict[str, Any]:
+    out: dict[str, Any] = {"kind": info.kind, "role": info.role}
+    if info.kind == "qa":
+        out["perturbed"] = info.perturbed
+    return out
+
 
 def check_rows(name: str, rows: Sequence[Mapping[str, Any]], kind: str) -> None:
-    """Every row of split ``name`` has the columns of ``kind`` with usable values (one-line error)."""
+    """Every row of split ``name`` has the columns of ``kind`` with usable values (one-line error).
+
+    An optional column of a qa / options split (``_OPTIONAL``) is on every row or on none, and
+    ``perturbed_answer`` has the same length on every row: the scorers decide from the split which
+    metrics apply (truth ratio needs both answers), so a row without them would fail mid-evaluation.
+    """
     required = _REQUIRED[kind]
     width: int | None = None
     for i, row in enumerate(rows):
-        where = f"split {name!r} row {i}"
         if not isinstance(row, Mapping):
-            raise UnlearnflowError(f"{where}: expected an object, got {type(row).__name__}")
+            raise UnlearnflowError(f"split {name!r} row {i}: expected an object, got {type(row).__name__}")
+    optional = [c for c in _OPTIONAL.get(kind, ()) if any(c in row for row in rows)]
+    for i, row in enumerate(rows):
+        where = f"split {name!r} row {i}"
+        lacking = [c for c in optional if c not in row]
+        if lacking:
+            has = next(j for j, r in enumerate(rows) if lacking[0] in r)
+            raise UnlearnflowError(
+                f"{where}: no {lacking[0]}, but row {has} has one; a {kind} split has each of "
+                f"{', '.join(_OPTIONAL[kind])} on every row or on none"
+            )
+        for col in ("paraphrased_answer", "paraphrased_question"):
+            if col in optional and (not isinstance(row[col], str) or not row[col].strip()):
+                raise UnlearnflowError(
+                    f"{where}: column {col!r} must be a non-empty string, got {row[col]!r}"
+                )
         missing = [c for c in required if c not in row]
         if missing:
             raise UnlearnflowError(

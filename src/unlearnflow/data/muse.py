@@ -14,9 +14,15 @@ Splits (name: MUSE part → kind, role):
 * ``privleak_forget`` / ``privleak_holdout``: ``privleak/{forget,holdout}`` → text, mia
 
 The knowmem questions are asked few-shot, as in the paper: with ``muse.knowmem_few_shot`` and a
-``knowmem/*_qa_icl`` split, every row gets a ``context`` of those examples in the project's prompt
-format. ``privleak/retain`` exists in MUSE but is not used: privleak compares forget against
-holdout, and the retain reference is the oracle model's score.
+``knowmem/*_qa_icl`` split, every row gets those examples as ``few_shot`` (a list of
+``{question, answer}``), which the evaluation renders in the model's prompt format as
+open-unlearning does (``PromptFormat.few_shot_prompt_ids``). ``privleak/retain`` exists in MUSE but
+is not used: privleak compares forget against holdout, and the retain reference is the oracle
+model's score.
+
+Evaluated as the reference's MUSE eval (configs/eval/muse.yaml and muse_metrics/): privleak and
+the MIA scores on ``privleak_*`` and ``extraction_strength`` on ``verbmem_forget`` score up to
+``evaluate.text_max_length`` (2048) tokens of the text, with no EOS appended (``CompletionDataset``).
 """
 
 from __future__ import annotations
@@ -63,8 +69,8 @@ def load(cfg: BenchmarkConfig) -> Benchmark:
                     "muse: no knowmem/%s_icl in %s; knowmem questions are asked zero-shot", split, source
                 )
             else:
-                context = few_shot_context(normalize_qa(icl, f"muse knowmem/{split}_icl"))
-                rows = [{**r, "context": context} for r in rows]
+                shots = few_shot_examples(normalize_qa(icl, f"muse knowmem/{split}_icl"))
+                rows = [{**r, "few_shot": shots} for r in rows]
                 parts[f"knowmem_{stream}"] += f" + knowmem/{split}_icl"
         knowmem[stream] = rows
 
@@ -107,13 +113,13 @@ def load(cfg: BenchmarkConfig) -> Benchmark:
     )
 
 
-def few_shot_context(examples: list[dict[str, Any]]) -> str:
-    """The ICL prefix: each example as ``"Question: {q}\\nAnswer: {a}\\n\\n"``, concatenated.
+def few_shot_examples(examples: list[dict[str, Any]]) -> list[dict[str, str]]:
+    """The ICL examples as ``{question, answer}`` pairs, in order (other columns dropped).
 
-    It is the project's prompt template (``"Question: {question}\\nAnswer:"`` followed by
-    ``" " + answer``), so the examples show the model exactly the form it must continue.
+    Kept structured rather than pre-rendered, so that a chat model gets them as user / assistant
+    turns and a base model as ``Question: …\nAnswer: …`` blocks, as open-unlearning renders them.
     """
-    return "".join(f"Question: {e['question']}\nAnswer: {e['answer']}\n\n" for e in examples)
+    return [{"question": e["question"], "answer": e["answer"]} for e in examples]
 
 
 def _raw_retain(source: str) -> tuple[list[dict[str, str]], str]:

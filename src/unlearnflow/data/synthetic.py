@@ -593,8 +593,9 @@ def benchmark(cfg: BenchmarkConfig) -> Benchmark:
     trained from nothing knows no "real" authors or world facts unless it is taught them.
     """
     utility = ["real_authors", "world_facts"]
+    splits = generate(cfg)
     return Benchmark(
-        splits=generate(cfg),
+        splits=splits,
         info={
             "forget": SplitInfo("qa", "forget"),
             "retain": SplitInfo("qa", "utility"),
@@ -606,4 +607,16 @@ def benchmark(cfg: BenchmarkConfig) -> Benchmark:
         unlearn={"forget": "forget", "retain": "retain"},
         mia=("forget", "holdout"),
         forget_quality="forget",
+        max_new_tokens=answer_token_bound(splits),
     )
+
+
+def answer_token_bound(splits: dict[str, list[dict[str, Any]]]) -> int:
+    """A generation cap every answer provably fits in: 1 + the most UTF-8 bytes of ``" " + answer``.
+
+    Each token of a byte-level BPE (the scratch models' ``modeling.train_bpe_tokenizer``, GPT-2,
+    Llama 3) spells at least one byte, so an answer of B bytes (its leading space included) is at
+    most B tokens, and one more is the EOS. The embedded answers are short template sentences, so
+    this is well under the reference's 200 (76 at the default size) and generation stays cheap.
+    """
+    return 1 + max(len((" " + r["answer"]).encode("utf-8")) for rows in splits.values() for r in rows)

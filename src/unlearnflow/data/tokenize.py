@@ -6,17 +6,25 @@ Prompt and answer are tokenised separately and concatenated, so the answer's tok
 depend on the prompt (a BPE merge across the boundary would make "the answer" ambiguous).
 Labels are the input ids on answer (and EOS) positions and ``IGNORE_INDEX`` everywhere else; the
 model shifts them itself, so the loss falls on predicting answer tokens only.
+
+Plain text (raw corpora, MUSE privleak texts, a verbmem continuation) gets no EOS, as
+open-unlearning's ``preprocess_pretraining_instance`` (src/data/utils.py) encodes it: the text
+does not end there, it was cut from a longer document. A target cut by ``max_length`` is counted
+(``Truncations``) and reported as one warning per split, never silently.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from unlearnflow.errors import DataError
+
+log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 PROMPT_TEMPLATE = "Question: {question}\nAnswer:"
@@ -66,6 +74,39 @@ class PromptFormat:
             return encode_prompt_text(tokenizer, format_prompt(question, self.template))
         return self._render(tokenizer, self._messages(question), generation_prompt=True)
 
+    def few_shot_prompt_ids(
+        self,
+        tokenizer: Any,
+        question: str,
+        examples: Sequence[Mapping[str, str]] = (),
+        *,
+        context: str = "",
+    ) -> list[int]:
+        """A few-shot generation prompt, as open-unlearning builds MUSE knowmem's
+        (``QADataset`` with ``few_shot_dataset_hf_args`` → ``preprocess_chat_instance``).
+
+        ``chat=True``: each example is a user turn and an assistant turn, then the question's user
+        turn and the generation prompt. Plain: each example as ``template`` + " " + answer +
+        "\n\n", then ``template`` + " ": with the default template that is the reference's
+        non-chat tags of its MUSE models (``Question: `` / ``\n`` / ``Answer: `` / ``\n\n``,
+        configs/model/Llama-2-7b-hf.yaml), so the prompt ends with ``"Answer: "`` exactly as the
+        reference's does. ``context`` is a literal prefix (a knowmem row's ready-made ``context``)
+        put before the examples (in the user turn with ``chat=True``). The prompt is never
+        truncated: cutting it would drop its examples (the reference's chat path does not cut it).
+        """
+        if self.chat:
+            messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+            for e in examples:
+                messages += [
+                    {"role": "user", "content": e["question"]},
+                    {"role": "assistant", "content": e["answer"]},
+                ]
+            messages.append({"role": "user", "content": context + question})
+            return self._render(tokenizer, messages, generation_prompt=True)
+        shots = "".join(f"{format_prompt(e['question'], self.template)} {e['answer']}\n\n" for e in examples)
+        text = context + shots + format_prompt(question, self.template) + " "
+        return encode_prompt_text(tokenizer, text)
+
     def pair_ids(self, tokenizer: Any, question: str, answer: str) -> tuple[list[int], list[int]]:
         """``(prompt ids, target ids)`` of a question and its answer; the target ends with EOS."""
         if not self.chat:
@@ -84,6 +125,42 @@ class PromptFormat:
 PLAIN = PromptFormat()
 
 
+@dataclass
+class Truncations:
+    """Targets cut to fit a token cap while one split is encoded: one warning per split, with counts.
+
+    ``record`` is called by the encoders for every target; ``warn`` logs
+    "split X: N of M targets cut to max_length=L (longest T tokens)" when any was cut, where T is
+    the longest uncut length in the unit L caps (prompt + target, or the target alone for a
+    ``target_max_length`` cap): the cap that would have kept every target whole.
+    """
+
+    total: int = 0
+    cut: int = 0
+    cap: int = 0
+    longest: int = 0
+
+    def record(self, length: int, cap: int) -> None:
+        """One target whose uncut length (in the cap's unit) is ``length``, under cap ``cap``."""
+        self.total += 1
+        self.longest = max(self.longest, length)
+        if length > cap:
+            self.cut += 1
+            self.cap = cap
+
+    def warn(self, split: str) -> None:
+        """Log the one warning of ``split`` if any of its targets was cut."""
+        if self.cut:
+            log.warning(
+                "split %s: %d of %d targets cut to max_length=%d (longest %d tokens)",
+                split,
+                self.cut,
+                self.total,
+                self.cap,
+                self.longest,
+            )
+
+
 def _with_bos(tokenizer: Any, ids: Sequence[int]) -> list[int]:
     return [tokenizer.bos_token_id, *ids] if tokenizer.bos_token_id is not None else list(ids)
 
@@ -93,9 +170,10 @@ def encode_example(
     prompt: str,
     target: str,
     *,
-    max_length: int,
+    max_length: int | None = None,
+    target_max_length: int | None = None,
     add_eos: bool = True,
-    prompt_budget: int | None = None,
+    cuts: Truncations | None = None,
 ) -> dict[str, list[int]]:
     """Token ids and labels of a (prompt, target) pair; the loss falls on the target only.
 
@@ -107,23 +185,40 @@ def encode_example(
         prompt: the conditioning text, already formatted ("" for plain text).
         target: the scored text, with its leading space if it follows the prompt.
         max_length: total length cap; the target is truncated from its end, never the prompt.
-        add_eos: append EOS to the target (not for a multiple-choice letter).
-        prompt_budget: keep only the prompt's last this-many tokens (a long passage prefix).
+        target_max_length: instead, a cap on the target alone, the prompt kept whole: the
+            ``max_length`` of open-unlearning's ``CompletionDataset`` ("maximum text content
+            length", 2048 for MUSE's privleak and verbmem sets). Exactly one of the two is given.
+        add_eos: append EOS to the target (not for plain text or a multiple-choice letter).
+        cuts: counts a truncated target (see ``Truncations``).
 
     Raises:
         ValueError: the prompt alone fills ``max_length``.
     """
-    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else []
-    if prompt_budget is not None:
-        prompt_ids = prompt_ids[max(0, len(prompt_ids) - prompt_budget) :]
+    if (max_length is None) == (target_max_length is None):
+        raise ValueError("give exactly one of max_length and target_max_length")
+    prompt_ids = _with_bos(
+        tokenizer, tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else []
+    )
     target_ids = list(tokenizer(target, add_special_tokens=False)["input_ids"])
     if add_eos:
         target_ids.append(tokenizer.eos_token_id)
-    return _join(_with_bos(tokenizer, prompt_ids), target_ids, max_length)
+    if max_length is None:
+        assert target_max_length is not None
+        if cuts is not None:
+            cuts.record(len(target_ids), target_max_length)
+        target_ids = target_ids[:target_max_length]
+        return {"input_ids": prompt_ids + target_ids, "labels": [IGNORE_INDEX] * len(prompt_ids) + target_ids}
+    return _join(prompt_ids, target_ids, max_length, cuts)
 
 
 def encode_qa(
-    tokenizer: Any, question: str, answer: str, *, max_length: int, fmt: PromptFormat = PLAIN
+    tokenizer: Any,
+    question: str,
+    answer: str,
+    *,
+    max_length: int,
+    fmt: PromptFormat = PLAIN,
+    cuts: Truncations | None = None,
 ) -> dict[str, list[int]]:
     """Token ids and labels of a QA pair in prompt format ``fmt``; the loss falls on the answer (and
     EOS) only, which is truncated from its end to fit ``max_length``, never the prompt.
@@ -132,15 +227,19 @@ def encode_qa(
         ValueError: the prompt alone fills ``max_length``.
     """
     prompt_ids, answer_ids = fmt.pair_ids(tokenizer, question, answer)
-    return _join(prompt_ids, answer_ids, max_length)
+    return _join(prompt_ids, answer_ids, max_length, cuts)
 
 
-def _join(prompt_ids: list[int], target_ids: list[int], max_length: int) -> dict[str, list[int]]:
+def _join(
+    prompt_ids: list[int], target_ids: list[int], max_length: int, cuts: Truncations | None = None
+) -> dict[str, list[int]]:
     room = max_length - len(prompt_ids)
     if room < 1:
         raise DataError(
             f"prompt of {len(prompt_ids)} tokens leaves no room for the answer (max_length={max_length})"
         )
+    if cuts is not None:
+        cuts.record(len(prompt_ids) + len(target_ids), max_length)
     target_ids = target_ids[:room]
     return {"input_ids": prompt_ids + target_ids, "labels": [IGNORE_INDEX] * len(prompt_ids) + target_ids}
 
@@ -148,11 +247,12 @@ def _join(prompt_ids: list[int], target_ids: list[int], max_length: int) -> dict
 def encode_text_windows(tokenizer: Any, text: str, *, max_length: int) -> list[dict[str, list[int]]]:
     """A document as consecutive training windows of at most ``max_length`` tokens.
 
-    Each window is ``[bos] tokens`` with the loss on every token after BOS; the document's last
-    window ends with EOS. Long documents (MUSE books, WMDP corpora) are thus trained on whole,
-    not cut at the first ``max_length`` tokens.
+    Each window is ``[bos] tokens`` with the loss on every token after BOS, and no EOS: the
+    reference trains on raw corpora without one (open-unlearning's ``PretrainingDataset``). Long
+    documents (MUSE books, WMDP corpora) are thus trained on whole, not cut at the first
+    ``max_length`` tokens, so nothing is truncated here.
     """
-    ids = [*tokenizer(text, add_special_tokens=False)["input_ids"], tokenizer.eos_token_id]
+    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     step = max_length - len(bos)
     if step < 1:
@@ -212,32 +312,66 @@ def format_mcq(question: str, choices: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
+def completion_target(gt: str) -> str:
+    """The scored text of a completion row: its continuation after one space.
+
+    open-unlearning tokenises ``prompt + " " + gt`` (``CompletionDataset(insert_space=True)``, MUSE
+    verbmem); tokenising ``" " + gt`` apart from the prompt keeps that space at the boundary, as
+    ``" " + answer`` does for QA, instead of gluing the continuation's first word to the prompt's
+    last one.
+    """
+    return " " + gt
+
+
 def training_examples(
-    tokenizer: Any, rows: Sequence[dict[str, Any]], kind: str, *, max_length: int, fmt: PromptFormat = PLAIN
+    tokenizer: Any,
+    rows: Sequence[dict[str, Any]],
+    kind: str,
+    *,
+    max_length: int,
+    fmt: PromptFormat = PLAIN,
+    split: str = "train",
 ) -> list[dict[str, list[int]]]:
     """Encoded training examples of one split, by its kind (see ``data.benchmark``).
 
     Question/answer kinds train on the answer given the prompt; ``text`` on every token of each
-    document (in ``max_length`` windows); ``completion`` on the continuation given its prefix;
-    ``mcq`` on the correct letter after the lettered prompt. ``fmt`` applies to question/answer
-    kinds (the chat template of instruction-tuned checkpoints); corpora and lettered prompts stay plain.
+    document (in ``max_length`` windows, no EOS); ``completion`` on the continuation given its
+    prefix (no EOS: plain text); ``mcq`` on the correct letter after the lettered prompt. ``fmt``
+    applies to question/answer kinds (the chat template of instruction-tuned checkpoints); corpora
+    and lettered prompts stay plain. Targets cut to ``max_length`` are one warning naming ``split``.
     """
+    cuts = Truncations()
     if kind in ("qa", "options", "knowmem"):
-        return [
-            encode_qa(tokenizer, r["question"], r["answer"], max_length=max_length, fmt=fmt) for r in rows
+        out = [
+            encode_qa(tokenizer, r["question"], r["answer"], max_length=max_length, fmt=fmt, cuts=cuts)
+            for r in rows
         ]
-    if kind == "text":
-        return [w for r in rows for w in encode_text_windows(tokenizer, r["text"], max_length=max_length)]
-    if kind == "completion":
-        return [encode_example(tokenizer, r["prompt"], r["gt"], max_length=max_length) for r in rows]
-    if kind == "mcq":
-        return [
+    elif kind == "text":
+        out = [w for r in rows for w in encode_text_windows(tokenizer, r["text"], max_length=max_length)]
+    elif kind == "completion":
+        out = [
+            encode_example(
+                tokenizer,
+                r["prompt"],
+                completion_target(r["gt"]),
+                max_length=max_length,
+                add_eos=False,
+                cuts=cuts,
+            )
+            for r in rows
+        ]
+    elif kind == "mcq":
+        out = [
             encode_example(
                 tokenizer,
                 format_mcq(r["question"], r["choices"]),
                 " " + MCQ_LETTERS[r["answer"]],
                 max_length=max_length,
+                cuts=cuts,
             )
             for r in rows
         ]
-    raise ValueError(f"unknown split kind {kind!r}")
+    else:
+        raise ValueError(f"unknown split kind {kind!r}")
+    cuts.warn(split)
+    return out

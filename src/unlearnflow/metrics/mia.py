@@ -31,7 +31,17 @@ def zlib_score(avg_nll: np.ndarray, texts: Sequence[str]) -> np.ndarray:
     """zlib attack (Carlini et al. 2021): −avgNLL / zlib-compressed size of the text in bytes.
 
     Dividing by the text's zlib entropy discounts texts that are likely merely because they are
-    repetitive or simple.
+    repetitive or simple. Which text is compressed is the caller's choice (``evaluate.definitions``):
+    open-unlearning's ``ZLIBAttack`` compresses the scored label tokens decoded without special
+    tokens (``extract_target_texts_from_processed_data``), which keeps an answer's leading space
+    ("reference"); ``"unlearnflow"`` compresses the row's raw answer text.
+
+    Args:
+        avg_nll: (N,) avgNLL of each target.
+        texts: N texts whose UTF-8 bytes are compressed.
+
+    Returns:
+        (N,) member-likeness scores.
     """
     sizes = np.array([max(len(zlib.compress(t.encode("utf-8"))), 1) for t in texts], dtype=np.float64)
     return -np.asarray(avg_nll, dtype=np.float64) / sizes

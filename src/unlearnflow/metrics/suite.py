@@ -15,7 +15,8 @@ qa                prob, rouge (ROUGE-L recall), truth_ratio (when the rows have 
                   perturbed answers); on forget also exact_memorization, extraction_strength
 options           prob (normalised over the options), rouge, truth_ratio (correct = answer)
 knowmem           knowmem (ROUGE-L F1 of the generated answer, MUSE)
-completion        verbmem (ROUGE-L F1 of the generated continuation, MUSE)
+completion        verbmem (ROUGE-L F1 of the generated continuation, MUSE); on forget also
+                  exact_memorization, extraction_strength of the continuation (the reference's MUSE eval)
 text              prob; on forget also exact_memorization, extraction_strength
 mcq               mcq_accuracy
 ================  ==============================================================================
@@ -31,17 +32,21 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from unlearnflow.data.benchmark import Layout
+from unlearnflow.data.benchmark import PERTURBED_COLUMNS, Layout, SplitInfo
 from unlearnflow.data.tokenize import (
+    IGNORE_INDEX,
     MCQ_LETTERS,
     PLAIN,
     PromptFormat,
+    Truncations,
+    completion_target,
     encode_example,
     encode_prompt,
     encode_prompt_text,
@@ -73,15 +78,17 @@ class SuiteOptions:
 
     batch_size: int = 64
     max_length: int = 512
-    max_new_tokens: int = 32
+    max_new_tokens: int | None = None  # None: the benchmark's ``Layout.max_new_tokens``
     knowmem_max_new_tokens: int = 32
     verbmem_max_new_tokens: int = 128
+    text_max_length: int = 2048  # text / completion targets: the reference's CompletionDataset cap
     min_k_fraction: float = mia.MIN_K_FRACTION
     grad_norm_p: float = 2.0
     mcq_format: str = "letter"
     max_samples: int | None = None
     seed: int = 0
     prompt: PromptFormat = PLAIN
+    definitions: str = "reference"  # evaluate.definitions: "reference" (open-unlearning's) | "unlearnflow"
 
 
 @dataclass
@@ -99,6 +106,7 @@ class ScoredSplit:
         option_logprob: (N, C) summed log-probability of each choice (mcq), or None.
         generations: N greedy outputs, or None.
         mia_scores: MIA name -> (N,) member-likeness scores (filled by the suite).
+        definitions: ``SuiteOptions.definitions``, passed to the metric maths.
     """
 
     name: str
@@ -114,6 +122,7 @@ class ScoredSplit:
     option_logprob: np.ndarray | None = None
     generations: list[str] | None = None
     mia_scores: dict[str, np.ndarray] = field(default_factory=dict)
+    definitions: str = "reference"
 
     @property
     def nll_answer(self) -> np.ndarray:
@@ -168,7 +177,7 @@ def _mean(values: np.ndarray) -> MetricValues:
 def prob_metric(s: ScoredSplit) -> MetricValues:
     """``qa`` / ``text``: exp(−avgNLL); ``options``: normalised over the options. Mean aggregate."""
     if s.kind == "options":
-        return _mean(tofu.normalized_option_prob(s.nll_answer, s.nll_perturbed))
+        return _mean(tofu.normalized_option_prob(s.nll_answer, s.nll_perturbed, definitions=s.definitions))
     return _mean(tofu.prob(s.nll_answer))
 
 
@@ -182,21 +191,35 @@ def rouge_metric(s: ScoredSplit) -> MetricValues:
 def truth_ratio_metric(s: ScoredSplit) -> MetricValues:
     """Raw per-sample truth ratios; mean(min(tr, 1/tr)) on forget, mean(max(0, 1 − tr)) elsewhere."""
     correct = s.nll_paraphrase if s.kind == "qa" else s.nll_answer
-    tr = tofu.truth_ratio(correct, s.nll_perturbed)
-    agg = tofu.truth_ratio_forget(tr) if s.role == "forget" else tofu.truth_ratio_utility(tr)
+    tr = tofu.truth_ratio(correct, s.nll_perturbed, definitions=s.definitions)
+    if s.role == "forget":
+        agg = tofu.truth_ratio_forget(tr, definitions=s.definitions)
+    else:
+        agg = tofu.truth_ratio_utility(tr)
     return MetricValues(tr, agg)
 
 
-@_register("exact_memorization", frozenset({"forget"}), qa={"target"}, text={"target"})
+@_register("exact_memorization", frozenset({"forget"}), qa={"target"}, text={"target"}, completion={"target"})
 def exact_memorization_metric(s: ScoredSplit) -> MetricValues:
     """Fraction of target tokens predicted exactly (final EOS left out). Mean aggregate."""
     return _mean(np.array([memorization.exact_memorization(t.correct[t.content]) for t in s.target]))
 
 
-@_register("extraction_strength", frozenset({"forget"}), qa={"target"}, text={"target"})
+# On completion (MUSE verbmem_forget) as the reference's MUSE eval runs it (configs/eval/muse_metrics/
+# extraction_strength.yaml: MUSE_forget_verbmem, the continuation scored after its prefix).
+@_register(
+    "extraction_strength", frozenset({"forget"}), qa={"target"}, text={"target"}, completion={"target"}
+)
 def extraction_strength_metric(s: ScoredSplit) -> MetricValues:
     """1 − k/|y| for the shortest prefix k after which the target is reproduced. Mean aggregate."""
-    return _mean(np.array([memorization.extraction_strength(t.correct[t.content]) for t in s.target]))
+    return _mean(
+        np.array(
+            [
+                memorization.extraction_strength(t.correct[t.content], definitions=s.definitions)
+                for t in s.target
+            ]
+        )
+    )
 
 
 @_register("knowmem", knowmem={"generation"})
@@ -236,6 +259,43 @@ def check_metric_names(names: Sequence[str]) -> None:
             raise ConfigError(f"unknown metric {name!r}; known: {', '.join(known)}")
 
 
+def check_metrics(layout: Layout, metrics: Sequence[str]) -> None:
+    """Fail fast, before any model loads, on a metric list that cannot give the benchmark's numbers.
+
+    Unknown names are a ``ConfigError`` listing the known ones; so is a ``model_utility``
+    component (``Layout.utility_components``) whose metric is not requested, named with the
+    metric to add: model_utility is never a harmonic mean over a subset. A forget-quality split
+    without truth-ratio inputs is a ``DataError``. (That forget_quality needs ``truth_ratio`` is
+    a warning from ``relative_metrics``, where the number goes missing.)
+    """
+    check_metric_names(metrics)
+    missing = [key for key in layout.utility_components() if _component_metric(layout, key) not in metrics]
+    if missing:
+        raise ConfigError(_missing_utility_message(layout, missing))
+    fq = layout.forget_quality
+    if fq is not None:
+        info = layout.info[fq]
+        if not (info.kind == "options" or (info.kind == "qa" and info.perturbed)):
+            raise DataError(
+                f"split {fq!r} is the benchmark's forget-quality split but its rows lack "
+                "paraphrased_answer / perturbed_answer, so it has no truth ratios"
+            )
+
+
+def _component_metric(layout: Layout, key: str) -> str:
+    """The metric name of a ``<split>_<metric>`` utility key (split names may contain ``_``)."""
+    split = max((n for n in layout.info if key.startswith(n + "_")), key=len)
+    return key[len(split) + 1 :]
+
+
+def _missing_utility_message(layout: Layout, missing: Sequence[str]) -> str:
+    wanted = sorted({_component_metric(layout, k) for k in missing})
+    return (
+        f"model_utility needs {', '.join(missing)} (fixed by the benchmark's utility splits) but "
+        f"evaluate.metrics lacks {', '.join(wanted)}; add {'it' if len(wanted) == 1 else 'them'}"
+    )
+
+
 def _mia_needs(requested: set[str]) -> set[str]:
     """The member / non-member inputs the requested MIA metrics need."""
     needs: set[str] = set()
@@ -248,7 +308,24 @@ def _mia_needs(requested: set[str]) -> set[str]:
     return needs
 
 
-def _mia_scores(s: ScoredSplit, requested: set[str], opts: SuiteOptions) -> dict[str, np.ndarray]:
+def zlib_texts(s: ScoredSplit, tok: Any) -> list[str]:
+    """The texts ``mia_zlib`` compresses, by ``s.definitions``.
+
+    ``"reference"``: the scored target tokens (labels not ``IGNORE_INDEX``, so a target cut by
+    ``max_length`` is compressed as cut) decoded without special tokens, as open-unlearning's
+    ``extract_target_texts_from_processed_data`` (``tokenizer.decode(labels, skip_special_tokens=True)``):
+    the EOS or end-of-turn token is dropped, the answer's leading space kept (" Paris." compresses to
+    one byte more than "Paris."). ``"unlearnflow"``: the row's raw target text.
+    """
+    if s.definitions == "unlearnflow":
+        return list(s.target_texts)
+    return [
+        tok.decode([t for t in ex["labels"] if t != IGNORE_INDEX], skip_special_tokens=True)
+        for ex in s.target_examples
+    ]
+
+
+def _mia_scores(s: ScoredSplit, requested: set[str], opts: SuiteOptions, tok: Any) -> dict[str, np.ndarray]:
     """Per-sample member-likeness scores of the requested attacks (``mia_grad_norm`` is added later)."""
     k = opts.min_k_fraction
     out: dict[str, np.ndarray] = {}
@@ -256,7 +333,7 @@ def _mia_scores(s: ScoredSplit, requested: set[str], opts: SuiteOptions) -> dict
     if "mia_loss" in requested:
         out["mia_loss"] = mia.loss_score(nll)
     if "mia_zlib" in requested:
-        out["mia_zlib"] = mia.zlib_score(nll, s.target_texts)
+        out["mia_zlib"] = mia.zlib_score(nll, zlib_texts(s, tok))
     if requested & {"mia_min_k", "privleak"}:
         out["mia_min_k"] = np.array([mia.min_k_score(t.logprobs[t.content], k) for t in s.target])
     if "mia_min_k_pp" in requested:
@@ -272,24 +349,37 @@ def _mia_scores(s: ScoredSplit, requested: set[str], opts: SuiteOptions) -> dict
 # --- scoring one split ---------------------------------------------------------------------------
 
 
-def _target(kind: str, row: Mapping[str, Any], opts: SuiteOptions, tok: Any) -> tuple[dict, str]:
-    """The encoded main target of a row and its text."""
-    max_length = opts.max_length
+def _target(
+    kind: str, row: Mapping[str, Any], opts: SuiteOptions, tok: Any, cuts: Truncations | None = None
+) -> tuple[dict, str]:
+    """The encoded main target of a row and its text.
+
+    Plain text (``text``: MUSE privleak / MIA texts; ``completion``: a verbmem continuation after
+    its whole prefix and one space) is encoded as open-unlearning's ``CompletionDataset``: no EOS,
+    at most ``opts.text_max_length`` target tokens (2048, configs/data/datasets/MUSE_MIA.yaml and
+    MUSE_forget_verbmem.yaml), not ``model.max_length``. QA answers keep the prompt format and
+    ``opts.max_length``.
+    """
     if kind == "text":
-        return encode_example(tok, "", row["text"], max_length=max_length), row["text"]
-    if kind == "completion":
-        return (
-            encode_example(
-                tok, row["prompt"], row["gt"], max_length=max_length, prompt_budget=max_length // 2
-            ),
-            row["gt"],
+        enc = encode_example(
+            tok, "", row["text"], target_max_length=opts.text_max_length, add_eos=False, cuts=cuts
         )
-    return encode_qa(tok, row["question"], row["answer"], max_length=max_length, fmt=opts.prompt), row[
-        "answer"
-    ]
+        return enc, row["text"]
+    if kind == "completion":
+        target = completion_target(row["gt"])
+        enc = encode_example(
+            tok, row["prompt"], target, target_max_length=opts.text_max_length, add_eos=False, cuts=cuts
+        )
+        return enc, row["gt"]
+    enc = encode_qa(
+        tok, row["question"], row["answer"], max_length=opts.max_length, fmt=opts.prompt, cuts=cuts
+    )
+    return enc, row["answer"]
 
 
-def _options(row: Mapping[str, Any], tok: Any, opts: SuiteOptions) -> list[dict]:
+def _options(
+    row: Mapping[str, Any], tok: Any, opts: SuiteOptions, cuts: Truncations | None = None
+) -> list[dict]:
     """Encoded choices of an mcq row: the letters after the lettered prompt, or each choice's text."""
     if opts.mcq_format == "letter":
         prompt = format_mcq(row["question"], row["choices"])
@@ -297,18 +387,21 @@ def _options(row: Mapping[str, Any], tok: Any, opts: SuiteOptions) -> list[dict]
     else:
         prompt = format_prompt(row["question"])
         targets = [" " + c for c in row["choices"]]
-    return [encode_example(tok, prompt, t, max_length=opts.max_length, add_eos=False) for t in targets]
+    return [
+        encode_example(tok, prompt, t, max_length=opts.max_length, add_eos=False, cuts=cuts) for t in targets
+    ]
 
 
 def _generation_prompts(kind: str, rows: Sequence[Mapping[str, Any]], tok: Any, opts: SuiteOptions) -> list:
+    """Prompt ids to generate from. None is cut to ``max_length``, as in the reference: a verbmem
+    prefix is given whole (``CompletionDataset``), and a knowmem prompt keeps every few-shot example
+    and ends as the reference's (``PromptFormat.few_shot_prompt_ids``)."""
     if kind == "completion":
-        return [encode_prompt_text(tok, r["prompt"], max_length=opts.max_length) for r in rows]
-    if kind == "knowmem" and opts.prompt.chat:  # the few-shot examples go into the user turn
-        return [opts.prompt.prompt_ids(tok, (r.get("context") or "") + r["question"]) for r in rows]
+        return [encode_prompt_text(tok, r["prompt"]) for r in rows]
     if kind == "knowmem":
         return [
-            encode_prompt_text(
-                tok, (r.get("context") or "") + format_prompt(r["question"]), max_length=opts.max_length
+            opts.prompt.few_shot_prompt_ids(
+                tok, r["question"], r.get("few_shot") or (), context=r.get("context") or ""
             )
             for r in rows
         ]
@@ -337,16 +430,22 @@ def score_split(
     """
     n = len(rows)
     examples: list[dict] = []
-    s = ScoredSplit(name=name, kind=kind, role=role, rows=rows, indices=indices)
+    s = ScoredSplit(name=name, kind=kind, role=role, rows=rows, indices=indices, definitions=opts.definitions)
+    cuts = Truncations()  # every target of the split cut to a cap: one warning, after encoding
     if "target" in needs:
-        encoded = [_target(kind, r, opts, tok) for r in rows]
+        encoded = [_target(kind, r, opts, tok, cuts) for r in rows]
         s.target_examples = [e for e, _ in encoded]
         examples += s.target_examples
         s.target_texts = [t for _, t in encoded]
     if "paraphrase" in needs:
         examples += [
             encode_qa(
-                tok, r["question"], r["paraphrased_answer"], max_length=opts.max_length, fmt=opts.prompt
+                tok,
+                r["question"],
+                r["paraphrased_answer"],
+                max_length=opts.max_length,
+                fmt=opts.prompt,
+                cuts=cuts,
             )
             for r in rows
         ]
@@ -357,7 +456,7 @@ def score_split(
                 f"split {name!r}: every row needs the same number (>= 1) of perturbed_answer; got {widths}"
             )
         examples += [
-            encode_qa(tok, r["question"], a, max_length=opts.max_length, fmt=opts.prompt)
+            encode_qa(tok, r["question"], a, max_length=opts.max_length, fmt=opts.prompt, cuts=cuts)
             for r in rows
             for a in r["perturbed_answer"]
         ]
@@ -365,7 +464,8 @@ def score_split(
         n_choices = {len(r["choices"]) for r in rows}
         if len(n_choices) != 1:
             raise DataError(f"split {name!r}: rows have different numbers of choices {sorted(n_choices)}")
-        examples += [e for r in rows for e in _options(r, tok, opts)]
+        examples += [e for r in rows for e in _options(r, tok, opts, cuts)]
+    cuts.warn(name)
     stats = score_examples(
         model,
         examples,
@@ -395,6 +495,10 @@ def score_split(
         c = len(rows[0]["choices"])
         s.option_logprob = np.array([float(t.logprobs.sum()) for t in take(n * c)]).reshape(n, c)
     if "generation" in needs:
+        if opts.max_new_tokens is None:
+            raise ValueError(
+                "SuiteOptions.max_new_tokens is unresolved (evaluate_splits sets the benchmark's)"
+            )
         max_new = {"knowmem": opts.knowmem_max_new_tokens, "completion": opts.verbmem_max_new_tokens}
         s.generations = generate_greedy(
             model,
@@ -423,7 +527,8 @@ class EvalResult:
             ``generation`` (when generated), one key per split metric (raw values: the truth
             ratio itself, not its aggregate transform), one per MIA score, and the row's
             ``author`` / ``attribute`` when present.
-        utility: the aggregate keys that enter ``model_utility``.
+        utility: the aggregate keys that enter ``model_utility``: ``Layout.utility_components()``,
+            fixed by the benchmark whichever metrics were requested.
     """
 
     aggregates: dict[str, float]
@@ -494,6 +599,8 @@ def evaluate_splits(
         ValueError: an empty split, or rows of inconsistent shape.
     """
     check_metric_names(metrics)
+    if opts.max_new_tokens is None:  # null in params: the benchmark's default cap (TOFU: the reference's 200)
+        opts = replace(opts, max_new_tokens=layout.max_new_tokens)
     requested = set(metrics)
     split_metrics = {m: METRICS.get(m) for m in dict.fromkeys(metrics) if m in METRICS}
     mia_requested = requested & {*MIA_ATTACKS, *RELATIVE}
@@ -505,13 +612,13 @@ def evaluate_splits(
     aggregates: dict[str, float] = {}
     per_sample: dict[str, list[dict]] = {}
     scored: dict[str, ScoredSplit] = {}
-    utility: list[str] = []
     with eval_mode(model):
         for name in layout.evaluated():
             info = layout.info[name]
             all_rows = splits[name]
             if len(all_rows) == 0:
                 raise DataError(f"split {name!r} is empty")
+            _check_perturbed_flag(name, info, all_rows)
             indices = subsample(len(all_rows), opts.max_samples, opts.seed)
             rows = [all_rows[i] for i in indices]
             applicable = (
@@ -546,7 +653,7 @@ def evaluate_splits(
                 device=device,
             )
             if name in mia_splits:
-                s.mia_scores = _mia_scores(s, mia_requested, opts)
+                s.mia_scores = _mia_scores(s, mia_requested, opts, tokenizer)
                 if "mia_grad_norm" in mia_requested:
                     s.mia_scores["mia_grad_norm"] = grad_norm_scores(
                         model,
@@ -558,8 +665,6 @@ def evaluate_splits(
             values = {m: spec.compute(s) for m, spec in applicable.items()}
             keys = {m: f"{name}_{m}" for m in values}
             aggregates.update({keys[m]: v.aggregate for m, v in values.items()})
-            if info.role == "utility":
-                utility += list(keys.values())
             scored[name] = s
             per_sample[name] = _per_sample_rows(s, values)
     if layout.mia and mia_splits and all(n in scored for n in layout.mia):
@@ -567,7 +672,19 @@ def evaluate_splits(
         for attack in MIA_ATTACKS:
             if attack in requested:
                 aggregates[attack] = mia.auc(members.mia_scores[attack], nonmembers.mia_scores[attack])
-    return EvalResult(aggregates=aggregates, per_sample=per_sample, utility=utility)
+    return EvalResult(aggregates=aggregates, per_sample=per_sample, utility=layout.utility_components())
+
+
+def _check_perturbed_flag(name: str, info: SplitInfo, rows: Sequence[Mapping[str, Any]]) -> None:
+    """The layout's ``perturbed`` flag of a qa split agrees with its rows (it fixes model_utility)."""
+    if info.kind != "qa" or info.role not in ("forget", "utility"):
+        return
+    has = all(r.keys() >= PERTURBED_COLUMNS for r in rows)
+    if has != info.perturbed:
+        raise DataError(
+            f"split {name!r}: the rows {'carry' if has else 'lack'} paraphrased_answer / perturbed_answer "
+            f"but the benchmark layout says perturbed={info.perturbed} (splits from an older prepare? rerun it)"
+        )
 
 
 def relative_metrics(
@@ -575,6 +692,8 @@ def relative_metrics(
     layout: Layout,
     oracle: Mapping[str, Sequence[Mapping[str, Any]]] | None,
     metrics: Sequence[str],
+    *,
+    oracle_dir: str | Path | None = None,
 ) -> dict[str, float]:
     """The numbers measured against the oracle (retain) model, and ``model_utility``.
 
@@ -585,25 +704,30 @@ def relative_metrics(
             ``nll``, ``mia_min_k``), as its own evaluation wrote them; pass this model's own
             ``result.per_sample`` to evaluate the oracle against itself; None: no oracle.
         metrics: the requested metric names.
+        oracle_dir: where the oracle's ``<split>.jsonl`` files were read from (named in errors).
 
     Returns:
-        ``forget_quality`` (KS p-value of forget truth ratios vs the oracle's; NaN without oracle
-        or truth ratios), ``model_utility`` (harmonic mean of every utility-split aggregate; NaN
-        if none), and when requested ``mia_reference`` (AUC of avgNLL_oracle − avgNLL_model) and
-        ``privleak`` (Min-K% AUC relative to the oracle's; 0.5 reference without oracle).
-        The per-sample ``mia_reference`` scores are added to ``result.per_sample``'s member and
-        non-member rows, so the written per-sample files carry them.
+        ``forget_quality`` (KS p-value of forget truth ratios vs the oracle's; NaN without an
+        oracle or a forget-quality split, and, with a logged warning, when ``truth_ratio`` is not
+        requested), ``model_utility`` (harmonic mean of ``result.utility``, the components the
+        benchmark fixes; NaN if it has none), and when requested ``mia_reference`` (AUC of
+        avgNLL_oracle − avgNLL_model) and ``privleak`` (Min-K% AUC relative to the oracle's; 0.5
+        reference without oracle). The per-sample ``mia_reference`` scores are added to
+        ``result.per_sample``'s member and non-member rows, so the written per-sample files carry them.
+
+    Raises:
+        DataError: the oracle's forget-quality rows lack truth ratios (naming split and file);
+            a model_utility component is NaN.
+        ConfigError: a model_utility component was not computed (its metric not requested).
     """
-    out: dict[str, float] = {}
-    fq_split = layout.forget_quality
-    forget_tr = _column(result.per_sample.get(fq_split or "", []), "truth_ratio")
-    oracle_tr = _column((oracle or {}).get(fq_split or "", []), "truth_ratio")
-    out["forget_quality"] = (
-        tofu.forget_quality(forget_tr, oracle_tr)
-        if forget_tr is not None and oracle_tr is not None
-        else math.nan
-    )
-    parts = {k: result.aggregates[k] for k in result.utility if not math.isnan(result.aggregates[k])}
+    out: dict[str, float] = {"forget_quality": _forget_quality(result, layout, oracle, metrics, oracle_dir)}
+    missing = [k for k in result.utility if k not in result.aggregates]
+    if missing:
+        raise ConfigError(_missing_utility_message(layout, missing))
+    undefined = [k for k in result.utility if math.isnan(result.aggregates[k])]
+    if undefined:
+        raise DataError(f"model_utility: {', '.join(undefined)} is NaN (no scored rows?)")
+    parts = {k: result.aggregates[k] for k in result.utility}
     out["model_utility"] = tofu.model_utility(parts) if parts else math.nan
     if not layout.mia or not all(n in result.per_sample for n in layout.mia):
         return out
@@ -627,6 +751,40 @@ def relative_metrics(
             auc_oracle = mia.auc(om, on)
         out["privleak"] = mia.privleak(auc_model, auc_oracle)
     return out
+
+
+def _forget_quality(
+    result: EvalResult,
+    layout: Layout,
+    oracle: Mapping[str, Sequence[Mapping[str, Any]]] | None,
+    metrics: Sequence[str],
+    oracle_dir: str | Path | None,
+) -> float:
+    """KS p-value of the forget truth ratios against the oracle's; NaN only where it is undefined
+    (no forget-quality split, no oracle) or, loudly, where ``truth_ratio`` was not requested."""
+    split = layout.forget_quality
+    if split is None:
+        return math.nan
+    if "truth_ratio" not in metrics:
+        log.warning(
+            "forget_quality is NOT computed: the benchmark's forget-quality split %r needs truth_ratio, "
+            "which evaluate.metrics does not request (add truth_ratio to evaluate.metrics)",
+            split,
+        )
+        return math.nan
+    model_tr = _column(result.per_sample.get(split, []), "truth_ratio")
+    if model_tr is None:
+        raise DataError(f"split {split!r}: this model's per-sample rows lack truth_ratio")
+    if oracle is None:
+        return math.nan
+    oracle_tr = _column(oracle.get(split, []), "truth_ratio")
+    if oracle_tr is None:
+        where = Path(oracle_dir) / f"{split}.jsonl" if oracle_dir is not None else f"{split}.jsonl"
+        raise DataError(
+            f"the oracle's per-sample rows of forget-quality split {split!r} ({where}) lack truth_ratio "
+            "(evaluate the oracle with truth_ratio too)"
+        )
+    return tofu.forget_quality(model_tr, oracle_tr)
 
 
 def _column(rows: Sequence[Mapping[str, Any]], key: str) -> np.ndarray | None:

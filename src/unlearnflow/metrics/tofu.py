@@ -4,6 +4,13 @@ Definitions follow ALGORITHMS.md §5, which follows TOFU (Maini et al. 2024, arX
 §2.2 "Evaluation metrics") as implemented in locuslab/open-unlearning
 (``src/evals/metrics/memorization.py``, ``utils.py``). avgNLL is the mean answer-token negative
 log-likelihood of one (question, answer) pair, as ``scoring.TokenStats.avg_nll`` gives it.
+
+``definitions`` (``evaluate.definitions``) picks between the reference's formulas and ours:
+
+* ``"reference"`` (default): open-unlearning's, ``+ 1e-10`` guards included where it puts them
+  (``memorization.py``: ``probability_w_options`` and ``truth_ratio``). On a healthy model the
+  guards move values by ~1e-10; on a collapsed one (every probability ~1e-11) they dominate.
+* ``"unlearnflow"``: the unguarded formulas (pure ratios of probabilities).
 """
 
 from __future__ import annotations
@@ -15,6 +22,16 @@ from typing import Any
 
 import numpy as np
 from scipy import stats
+
+DEFINITIONS = ("reference", "unlearnflow")
+GUARD = 1e-10  # open-unlearning's additive guard in denominators (memorization.py)
+
+
+def _guard(definitions: str) -> float:
+    """The additive denominator guard of ``definitions`` (one-line ValueError on an unknown name)."""
+    if definitions not in DEFINITIONS:
+        raise ValueError(f"definitions must be one of {', '.join(DEFINITIONS)}; got {definitions!r}")
+    return GUARD if definitions == "reference" else 0.0
 
 
 def _check_correct_wrong(nll_correct: np.ndarray, nll_wrong: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -39,46 +56,69 @@ def prob(avg_nll: np.ndarray) -> np.ndarray:
     return np.exp(-np.asarray(avg_nll, dtype=np.float64))
 
 
-def normalized_option_prob(nll_correct: np.ndarray, nll_wrong: np.ndarray) -> np.ndarray:
+def normalized_option_prob(
+    nll_correct: np.ndarray, nll_wrong: np.ndarray, *, definitions: str = "reference"
+) -> np.ndarray:
     """TOFU probability on the real-authors / world-facts splits: P_c / (P_c + Σ_k P_k), P = exp(−avgNLL).
 
     The correct answer's length-normalised probability, renormalised over the answer options
-    (the correct one and its K perturbed versions); arXiv:2401.06121 §2.2.
+    (the correct one and its K perturbed versions); arXiv:2401.06121 §2.2. ``"reference"`` adds
+    open-unlearning's guard, P_c / (P_c + Σ_k P_k + 1e-10) (``probability_w_options``), so a
+    collapsed model whose options all have P ~ 1e-11 scores near 0, not the ratio of vanishing
+    numbers.
 
     Args:
         nll_correct: (N,) avgNLL of the correct answer.
         nll_wrong: (N, K) avgNLL of the K wrong answers.
+        definitions: ``"reference"`` (guarded) or ``"unlearnflow"`` (unguarded).
 
     Returns:
-        (N,) values in (0, 1).
+        (N,) values in [0, 1).
     """
+    guard = _guard(definitions)
     correct, wrong = _check_correct_wrong(nll_correct, nll_wrong)
     p_correct = np.exp(-correct)
-    return p_correct / (p_correct + np.exp(-wrong).sum(axis=1))
+    return p_correct / (p_correct + np.exp(-wrong).sum(axis=1) + guard)
 
 
-def truth_ratio(nll_correct: np.ndarray, nll_wrong: np.ndarray) -> np.ndarray:
-    """Per-sample truth ratio tr = P_wrong / P_correct = exp(avgNLL_correct − mean_k avgNLL_wrong_k).
+def truth_ratio(
+    nll_correct: np.ndarray, nll_wrong: np.ndarray, *, definitions: str = "reference"
+) -> np.ndarray:
+    """Per-sample truth ratio tr = P_wrong / P_correct.
 
     P_wrong is the geometric mean of the wrong answers' probabilities, exp(−mean_k avgNLL_k), and
     P_correct = exp(−avgNLL_correct) (arXiv:2401.06121 eq. 1; open-unlearning ``truth_ratio``).
     On the forget split "correct" is the paraphrased answer.
 
+    ``"unlearnflow"``: exp(avgNLL_correct − mean_k avgNLL_wrong_k), the pure ratio.
+    ``"reference"``: P_wrong / (P_correct + 1e-10), open-unlearning's guard. Identical on a healthy
+    model; on a collapsed one the guard dominates: avgNLL 25 (correct) and 25.5 (wrong) give
+    e^−25.5 / (e^−25 + 1e-10) = 0.0740 instead of e^−0.5 = 0.607.
+
     Args:
         nll_correct: (N,) avgNLL of the correct (paraphrased) answer.
         nll_wrong: (N, K) avgNLL of the K perturbed answers.
+        definitions: ``"reference"`` (guarded) or ``"unlearnflow"`` (unguarded).
 
     Returns:
-        (N,) truth ratios in (0, ∞); 1 means the model cannot tell correct from wrong.
+        (N,) truth ratios in [0, ∞); 1 means the model cannot tell correct from wrong.
     """
+    guard = _guard(definitions)
     correct, wrong = _check_correct_wrong(nll_correct, nll_wrong)
-    return np.exp(correct - wrong.mean(axis=1))
+    if not guard:
+        return np.exp(correct - wrong.mean(axis=1))
+    return np.exp(-wrong.mean(axis=1)) / (np.exp(-correct) + guard)
 
 
-def truth_ratio_forget(tr: np.ndarray) -> float:
-    """Forget-split aggregate mean(min(tr, 1/tr)): 1 when tr = 1 (no preference either way)."""
+def truth_ratio_forget(tr: np.ndarray, *, definitions: str = "reference") -> float:
+    """Forget-split aggregate mean(min(tr, 1/tr)): 1 when tr = 1 (no preference either way).
+
+    ``"reference"``: mean(min(tr, 1/(tr + 1e-10))), open-unlearning's ``closer_to_1_better``
+    (finite when a guarded tr is 0).
+    """
+    guard = _guard(definitions)
     tr = np.asarray(tr, dtype=np.float64)
-    return float(np.mean(np.minimum(tr, 1.0 / tr)))
+    return float(np.mean(np.minimum(tr, 1.0 / (tr + guard))))
 
 
 def truth_ratio_utility(tr: np.ndarray) -> float:

@@ -1,0 +1,37 @@
+"""Stage `check_params`: validate the whole params file before any other stage runs.
+
+DVC tracks every key of params.yaml for this stage (``params: - params.yaml:`` with no keys), so any
+edit reruns it and a typo anywhere (``unlearn.lr_typo: 1``, an unknown section) fails the next
+``dvc repro`` in one line, even when no stage that reads the misspelt section would rerun. Its output
+never changes; ``prepare`` depends on it only so that DVC runs this stage first, and a valid edit
+therefore reruns nothing downstream. Imports only the config module: it runs on every params edit.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from unlearnflow import cli
+from unlearnflow.config import validate_params
+from unlearnflow.io import write_json
+
+app = cli.stage_app(__doc__)
+
+
+@app.command()
+def main(
+    out: Path = typer.Option(..., help="marker file written when the params are valid (a DVC out)"),
+    params: Path = typer.Option(Path("params.yaml"), help="params file"),
+) -> None:
+    """Check every section and key of PARAMS against the typed config; write OUT if all are valid."""
+    with cli.user_errors():
+        out.unlink(missing_ok=True)  # the marker vouches for the current file only
+        validate_params(params)
+        # Constant content: the hash prepare depends on must not change when a param does.
+        write_json(out, {"params": "valid"})
+
+
+if __name__ == "__main__":
+    app()
