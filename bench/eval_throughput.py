@@ -31,7 +31,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def measure(model, tok, data, layout, metrics, opts_kwargs, size: int) -> dict:
-    from unlearnflow.metrics import SuiteOptions, evaluate_splits, relative_metrics, suite
+    from unlearnflow.metrics import SuiteOptions, evaluate_splits, relative_metrics, scored_split, suite
 
     phase = {"name": "other"}
     seconds: dict[str, float] = defaultdict(float)
@@ -55,9 +55,11 @@ def measure(model, tok, data, layout, metrics, opts_kwargs, size: int) -> dict:
         forwards[phase["name"]] += 1
         sequences[phase["name"]] += int(ids.shape[0]) if ids is not None else 0
 
-    originals = {n: getattr(suite, n) for n in ("score_examples", "generate_greedy", "grad_norm_scores")}
+    # each phase's function, patched in the module that calls it
+    where = {"score_examples": scored_split, "generate_greedy": scored_split, "grad_norm_scores": suite}
+    originals = {n: getattr(module, n) for n, module in where.items()}
     for name, fn in originals.items():
-        setattr(suite, name, timed(name, fn))
+        setattr(where[name], name, timed(name, fn))
     handle = model.register_forward_pre_hook(hook, with_kwargs=True)
     try:
         opts = SuiteOptions(**{**opts_kwargs, "max_samples": size})
@@ -68,7 +70,7 @@ def measure(model, tok, data, layout, metrics, opts_kwargs, size: int) -> dict:
     finally:
         handle.remove()
         for name, fn in originals.items():
-            setattr(suite, name, fn)
+            setattr(where[name], name, fn)
     samples = sum(len(rows) for rows in result.per_sample.values())
     return {
         "max_samples": size,

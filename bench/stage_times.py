@@ -54,6 +54,8 @@ def main() -> None:
         work = Path(tmp) / "repo"
         subprocess.run(["git", "clone", "-q", str(ROOT), str(work)], check=True)
         shutil.copy(args.params, work / "params.yaml")
+        # The venv's editable install points at this checkout's src/: measure the clone's code instead.
+        env["PYTHONPATH"] = str(work / "src")
         _, _, dry = run([*dvc, "repro", "--dry", "--force"], work, env)
         stages = re.findall(r"Running stage '([^']+)'", dry)
         rows = []

@@ -4,7 +4,8 @@ DVC tracks every key of params.yaml for this stage (``params: - params.yaml:`` w
 edit reruns it and a typo anywhere (``unlearn.lr_typo: 1``, an unknown section) fails the next
 ``dvc repro`` in one line, even when no stage that reads the misspelt section would rerun. Its output
 never changes; ``prepare`` depends on it only so that DVC runs this stage first, and a valid edit
-therefore reruns nothing downstream. Imports only the config module: it runs on every params edit.
+therefore reruns nothing downstream. The typed sections need only the config module; the method and
+optimizer argument sections are checked against their registries (``matrix``), which imports torch.
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ from pathlib import Path
 import typer
 
 from unlearnflow import cli
-from unlearnflow.config import validate_params
+from unlearnflow.config import UnlearnConfig, parse_section, validate_params
 from unlearnflow.io import write_json
+from unlearnflow.matrix import check_unlearn_matrix
 
 app = cli.stage_app(__doc__)
 
@@ -28,7 +30,8 @@ def main(
     """Check every section and key of PARAMS against the typed config; write OUT if all are valid."""
     with cli.user_errors():
         out.unlink(missing_ok=True)  # the marker vouches for the current file only
-        validate_params(params)
+        raw = validate_params(params)
+        check_unlearn_matrix(parse_section(raw.get("unlearn") or {}, "unlearn", UnlearnConfig))
         # Constant content: the hash prepare depends on must not change when a param does.
         write_json(out, {"params": "valid"})
 

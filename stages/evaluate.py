@@ -14,7 +14,7 @@ from unlearnflow.data.tokenize import PromptFormat
 from unlearnflow.errors import DataError, UnlearnflowError
 from unlearnflow.io import atomic_dir, read_jsonl, write_json, write_jsonl
 from unlearnflow.metrics import SuiteOptions, evaluate_splits, relative_metrics
-from unlearnflow.metrics.suite import check_metrics
+from unlearnflow.metrics.relative import check_metrics
 
 app = cli.stage_app(__doc__)
 

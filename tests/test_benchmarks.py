@@ -628,7 +628,7 @@ def test_muse_from_hub_id(fake_hub) -> None:
 
 def _muse_generations(monkeypatch: pytest.MonkeyPatch) -> list[tuple[list[list[int]], int, tuple]]:
     """Replace the suite's greedy generation with a recorder of (prompts, max_new_tokens, stops)."""
-    from unlearnflow.metrics import suite
+    from unlearnflow.metrics import scored_split
 
     calls: list[tuple[list[list[int]], int, tuple]] = []
 
@@ -636,7 +636,7 @@ def _muse_generations(monkeypatch: pytest.MonkeyPatch) -> list[tuple[list[list[i
         calls.append(([list(p) for p in prompts], max_new_tokens, tuple(stop_strings)))
         return [""] * len(prompts)
 
-    monkeypatch.setattr(suite, "generate_greedy", record)
+    monkeypatch.setattr(scored_split, "generate_greedy", record)
     return calls
 
 
@@ -664,7 +664,7 @@ def test_muse_is_evaluated_as_the_reference(tmp_path: Path, sharp_model, tiny_to
 
     from unlearnflow.data.tokenize import IGNORE_INDEX
     from unlearnflow.metrics import SuiteOptions, evaluate_splits
-    from unlearnflow.metrics.suite import KNOWMEM_STOPS
+    from unlearnflow.metrics.scored_split import KNOWMEM_STOPS
 
     tok = tiny_tokenizer
     bench = muse.load(BenchmarkConfig(name="muse", source=str(make_muse(tmp_path))))

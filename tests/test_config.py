@@ -199,7 +199,7 @@ def test_every_section_load_validates_the_whole_file(tmp_path, edit, expected):
 
 def test_whole_file_check_accepts_valid_files(tmp_path):
     """An empty section (``tracking:``), a missing one, and the free-form per-name args of the
-    matrix (``unlearn.method_args.<name>``, also for a method not listed) are all valid."""
+    matrix (``unlearn.method_args.<name>``, also for a method not listed) are all valid here (the registries check names: ``matrix``)."""
 
     def edit(p):
         p["tracking"] = None
@@ -232,4 +232,39 @@ def test_check_params_stage(tmp_path):
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert result.exit_code == 2 and len(lines) == 1, result.output
     assert lines[0].startswith("error: unknown key unlearn.lr_typo")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("edit", "expected"),
+    [
+        (
+            lambda p: p["unlearn"]["method_args"].update(grad_acent={"gamma": 1.0}),
+            "error: unknown name 'grad_acent' in unlearn.method_args; known: grad_ascent, grad_diff",
+        ),
+        (
+            lambda p: p["unlearn"]["optimizer_args"]["sgd"].update(momentun=0.9),
+            "error: unknown key unlearn.optimizer_args.sgd.momentun",
+        ),
+        (
+            lambda p: p["unlearn"].update(methods=["sft"]),
+            "error: unknown name 'sft' in unlearn.methods",
+        ),
+        (
+            lambda p: p["unlearn"]["method_args"]["grad_diff"].update(retain_loss="l2"),
+            "error: bad value for unlearn.method_args.grad_diff.retain_loss: 'l2'",
+        ),
+    ],
+)
+def test_check_params_stage_checks_the_matrix_args(tmp_path, edit, expected):
+    """The per-name args sections are free-form in ``UnlearnConfig`` (each method validates its
+    own), so the stage checks them against the registries: a misspelt name, even one no item lists
+    (``optimizer_args.sgd`` while only adamw runs), or a misspelt key inside fails in one line."""
+    stage = load_stage("check_params")
+    out = tmp_path / "checked.json"
+    params = _params_with(tmp_path, edit)
+    result = CliRunner().invoke(stage.app, ["--out", str(out), "--params", str(params)])
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 2 and len(lines) == 1, result.output
+    assert lines[0].startswith(expected), lines[0]
     assert not out.exists()

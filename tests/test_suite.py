@@ -1,5 +1,6 @@
-"""The metric suite (metrics/suite.py) on the tiny model: which metrics run where, their values
-against independent references, one scoring pass per split, and the oracle-relative numbers."""
+"""The metric suite (metrics/suite.py, scored_split.py, split_metrics.py, relative.py) on the tiny
+model: which metrics run where, their values against independent references, one scoring pass per
+split, and the oracle-relative numbers."""
 
 from __future__ import annotations
 
@@ -24,7 +25,17 @@ from unlearnflow.data.tokenize import (
     format_prompt,
 )
 from unlearnflow.errors import ConfigError, DataError
-from unlearnflow.metrics import EvalResult, SuiteOptions, evaluate_splits, mia, relative_metrics, suite, tofu
+from unlearnflow.metrics import (
+    EvalResult,
+    SuiteOptions,
+    evaluate_splits,
+    mia,
+    relative,
+    relative_metrics,
+    scored_split,
+    split_metrics,
+    tofu,
+)
 
 MAX_LENGTH = 96
 OPTS = SuiteOptions(
@@ -178,7 +189,7 @@ def test_one_scoring_pass_per_split_and_generation_only_when_needed(monkeypatch,
     """prob + truth_ratio + MIA: one score_examples call per evaluated split (answer, paraphrase and
     perturbed answers batched together), no generation; the model's training mode is restored."""
     calls = {"score": 0, "generate": 0, "rows": []}
-    real_score, real_generate = suite.score_examples, suite.generate_greedy
+    real_score, real_generate = scored_split.score_examples, scored_split.generate_greedy
 
     def score(model, examples, **kw):
         calls["score"] += 1
@@ -189,8 +200,8 @@ def test_one_scoring_pass_per_split_and_generation_only_when_needed(monkeypatch,
         calls["generate"] += 1
         return real_generate(*a, **kw)
 
-    monkeypatch.setattr(suite, "score_examples", score)
-    monkeypatch.setattr(suite, "generate_greedy", generate)
+    monkeypatch.setattr(scored_split, "score_examples", score)
+    monkeypatch.setattr(scored_split, "generate_greedy", generate)
     tiny_model.train()
     evaluate_splits(
         tiny_model,
@@ -479,14 +490,14 @@ def test_zlib_text_is_the_scored_text_when_the_target_is_cut(tiny_tokenizer):
     answer_ids = tok(" " + row["answer"], add_special_tokens=False)["input_ids"]
     assert len(answer_ids) > 3
     ex = encode_qa(tok, row["question"], row["answer"], max_length=prompt_len + 3)
-    s = suite.ScoredSplit(
+    s = scored_split.ScoredSplit(
         "forget", "qa", "forget", [row], np.arange(1), target_examples=[ex], target_texts=[row["answer"]]
     )
-    (text,) = suite.zlib_texts(s, tok)
+    (text,) = split_metrics.zlib_texts(s, tok)
     assert text == tok.decode(answer_ids[:3])
     assert (" " + row["answer"]).startswith(text) and text.startswith(" ") and len(text) < len(row["answer"])
     s.definitions = "unlearnflow"
-    assert suite.zlib_texts(s, tok) == [row["answer"]]
+    assert split_metrics.zlib_texts(s, tok) == [row["answer"]]
 
 
 def test_evaluate_config_carries_definitions():
@@ -539,7 +550,7 @@ def test_oracle_without_truth_ratios_is_an_error_naming_split_and_file():
 
 def test_forget_quality_without_truth_ratio_metric_warns_and_is_absent(caplog):
     res, layout = _fq_result()
-    with caplog.at_level(logging.WARNING, logger="unlearnflow.metrics.suite"):
+    with caplog.at_level(logging.WARNING, logger="unlearnflow.metrics.relative"):
         out = relative_metrics(res, layout, res.per_sample, ["prob"])
     assert math.isnan(out["forget_quality"])
     assert "forget_quality is NOT computed" in caplog.text and "'forget'" in caplog.text
@@ -622,7 +633,9 @@ def test_utility_table_agrees_with_the_registered_metrics(kind, row):
     utility split of that kind, so model_utility's components are what the suite computes."""
     perturbed = kind == "qa" and {"paraphrased_answer", "perturbed_answer"} <= row.keys()
     layout = Layout({"s": SplitInfo(kind, "utility", perturbed=perturbed)}, {}, {}, None, None)
-    registered = {m for m in suite.METRICS if suite.METRICS.get(m).applies(kind, "utility", [row])}
+    registered = {
+        m for m in split_metrics.METRICS if split_metrics.METRICS.get(m).applies(kind, "utility", [row])
+    }
     assert {k.removeprefix("s_") for k in layout.utility_components()} == registered
 
 
@@ -673,10 +686,10 @@ def test_a_missing_model_utility_component_is_an_error_naming_it():
     with pytest.raises(
         ConfigError, match=r"model_utility needs retain_rouge, world_facts_rouge .* lacks rouge"
     ):
-        suite.check_metrics(layout, ["prob", "truth_ratio", "mia_loss"])
-    suite.check_metrics(layout, ["prob", "rouge", "truth_ratio"])  # complete: no error
+        relative.check_metrics(layout, ["prob", "truth_ratio", "mia_loss"])
+    relative.check_metrics(layout, ["prob", "rouge", "truth_ratio"])  # complete: no error
     with pytest.raises(ConfigError, match="unknown metric"):
-        suite.check_metrics(layout, ["prob", "rouge", "truth_ratio", "utility"])
+        relative.check_metrics(layout, ["prob", "rouge", "truth_ratio", "utility"])
     parts = {
         "retain_prob": 0.5,
         "retain_truth_ratio": 0.5,
@@ -697,9 +710,9 @@ def test_forget_quality_split_without_truth_ratio_inputs_is_an_error():
         {**layout.info, "forget": SplitInfo("qa", "forget")}, layout.train, layout.unlearn, None, "forget"
     )
     metrics = ["prob", "rouge", "truth_ratio", "knowmem", "mcq_accuracy"]
-    suite.check_metrics(layout, metrics)
+    relative.check_metrics(layout, metrics)
     with pytest.raises(DataError, match="'forget' is the benchmark's forget-quality split"):
-        suite.check_metrics(bad, metrics)
+        relative.check_metrics(bad, metrics)
 
 
 def test_layout_perturbed_flag_must_match_the_rows(tiny_model, tiny_tokenizer):

@@ -1,4 +1,5 @@
-"""tracking: two chained stage runs against a SQLite store in tmp_path, read back with MlflowClient."""
+"""tracking, tracking_store, run_liveness: two chained stage runs against a SQLite store in tmp_path,
+read back with MlflowClient; project root, locked-write retries, dead-run closing."""
 
 from __future__ import annotations
 
@@ -11,19 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from unlearnflow import tracking
+from unlearnflow import tracking_store
 from unlearnflow.errors import UnlearnflowError
 from unlearnflow.io import sha256_dir, sha256_file, write_jsonl
-from unlearnflow.tracking import (
-    close_dead_runs,
-    flatten,
-    params_hash,
-    project_root,
-    read_manifest,
-    retry_locked,
-    stage_run,
-    tracking_uri,
-)
+from unlearnflow.run_liveness import close_dead_runs
+from unlearnflow.tracking import flatten, params_hash, read_manifest, stage_run
+from unlearnflow.tracking_store import project_root, retry_locked, tracking_uri
 
 EXPERIMENT = "unlearnflow-test"
 PARAMS = {
@@ -77,6 +71,17 @@ def test_params_hash_is_canonical() -> None:
     assert params_hash({"a": 1, "b": {"c": 2}}) == params_hash({"b": {"c": 2}, "a": 1})
     assert params_hash({"a": 1}) != params_hash({"a": 2})
     assert len(params_hash({})) == 16
+
+
+def test_importing_the_tracking_modules_loads_neither_mlflow_nor_torch() -> None:
+    """Every stage imports them; mlflow (about 2 s) and psutil load only when a run starts."""
+    code = (
+        "import sys\n"
+        "import unlearnflow.run_liveness, unlearnflow.tracking, unlearnflow.tracking_store\n"
+        "print(sorted(m for m in ('mlflow', 'torch', 'psutil', 'filelock') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
 
 
 def test_tracking_uri_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -206,7 +211,7 @@ def test_retry_locked(monkeypatch: pytest.MonkeyPatch) -> None:
     last locked error propagates after RETRY_ATTEMPTS retries."""
     import sqlite3
 
-    monkeypatch.setattr(tracking, "RETRY_FIRST_SLEEP_S", 0.0)
+    monkeypatch.setattr(tracking_store, "RETRY_FIRST_SLEEP_S", 0.0)
     calls = []
 
     def flaky(x: int, fail: int, exc: Exception) -> int:
@@ -224,7 +229,7 @@ def test_retry_locked(monkeypatch: pytest.MonkeyPatch) -> None:
     calls.clear()
     with pytest.raises(sqlite3.OperationalError, match="locked"):
         retry_locked(flaky, 1, fail=100, exc=locked)
-    assert len(calls) == tracking.RETRY_ATTEMPTS + 1
+    assert len(calls) == tracking_store.RETRY_ATTEMPTS + 1
 
 
 def test_two_chained_stages_in_git_repo(workdir: Path, tmp_path: Path) -> None:

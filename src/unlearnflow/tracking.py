@@ -2,17 +2,13 @@
 
 Conventions (ARCHITECTURE.md, "Tracking conventions"):
 
-* Backend ``sqlite:///<root>/mlflow.db`` unless ``MLFLOW_TRACKING_URI`` is set; artifacts of the
-  experiments created here go under ``<root>/mlruns/``. ``<root>`` is the project root
-  (:func:`project_root`), never the temporary workspace of a queued DVC experiment, so that every
-  run of every experiment lands in the one store. Runs under ``dvc exp`` are tagged with the
-  experiment's name and baseline revision.
+* Where the runs go, and how concurrent stages write there, is :mod:`unlearnflow.tracking_store`:
+  ``sqlite:///<project root>/mlflow.db`` unless ``MLFLOW_TRACKING_URI`` is set (the project root
+  even for a queued DVC experiment), locked writes retried, store creation serialised. Runs under
+  ``dvc exp`` are tagged with the experiment's name and baseline revision.
 * Every run is tagged with the host, pid and process start time of the stage; a RUNNING run of the
-  same stage item whose process is gone (``kill -9``, OOM killer, power loss) is closed as KILLED
-  by the next run of that item (:func:`close_dead_runs`).
-* SQLite with several writers (``dvc queue start -j 2``): MLflow sets ``PRAGMA busy_timeout =
-  20000`` on every session (``mlflow.store.db.utils._get_managed_session_maker``); writes made
-  here are retried on top of that when the database is still locked (:func:`retry_locked`).
+  same stage item whose process is gone is closed as KILLED by the next run of that item
+  (:mod:`unlearnflow.run_liveness`).
 * One experiment per benchmark, one run per stage item named ``<stage>-<item>`` (``<stage>`` alone
   when there is no item), tagged with the git commit, the dirty flag, the DVC stage name
   (``<stage>@<item>``), a hash of the params and the run ids of the upstream stages.
@@ -28,16 +24,16 @@ import hashlib
 import json
 import logging
 import os
-import socket
 import subprocess
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
-from urllib.parse import urlparse
+from typing import TYPE_CHECKING, Any
 
 from unlearnflow.errors import UnlearnflowError
 from unlearnflow.io import read_json, sha256_dir, sha256_file, write_json
+from unlearnflow.run_liveness import close_dead_runs, process_tags
+from unlearnflow.tracking_store import get_or_create_experiment, open_client, retry_locked, tracking_uri
 
 if TYPE_CHECKING:
     from mlflow.entities import Metric
@@ -53,83 +49,10 @@ METRICS_PER_BATCH = 1000
 # Buffered per-step metrics are written when this many are pending or this many seconds have passed.
 FLUSH_EVERY_METRICS = 1000
 FLUSH_EVERY_SECONDS = 10.0
-
-_QUIET_LOGGERS = ("alembic", "mlflow.store.db.utils", "mlflow.tracking.fluent", "mlflow.store.sql_alchemy")
-_REMOTE_SCHEMES = ("http", "https", "databricks", "databricks-uc", "uc")
-
-
-# DVC runs a queued (``dvc exp run --queue``) or ``--temp`` experiment in a clone of the repo at
-# ``<root>/.dvc/tmp/exps/<tmpXXXX>`` (``…/exps/standalone/<tmpXXXX>`` for ``--temp``), deleted when
-# the experiment ends: dvc 3.67 ``repo/experiments/executor/local.py`` (``mkdtemp`` under
-# ``repo.tmp_dir / EXEC_TMP_DIR``), ``repo/__init__.py`` (``tmp_dir = <.dvc>/tmp``) and
-# ``repo/experiments/utils.py`` (``EXEC_TMP_DIR = "exps"``).
-EXEC_TMP_PARTS = (".dvc", "tmp", "exps")
-# Extra attempts for a call that still finds the SQLite database locked after MLflow's own 20 s busy
-# timeout, with exponential backoff from RETRY_FIRST_SLEEP_S: 1 + 2 + … + 32 = 63 s of sleep on top
-# of the busy waits, long enough for another worker's schema migration or a slow checkpoint commit.
-RETRY_ATTEMPTS = 6
-RETRY_FIRST_SLEEP_S = 1.0
-_LOCKED_MESSAGES = ("database is locked", "database table is locked")
-# Tags that identify the process behind a run (see close_dead_runs).
-HOST_TAG, PID_TAG, PID_START_TAG = "unlearnflow.host", "unlearnflow.pid", "unlearnflow.pid_start"
-KILLED_TAG = "unlearnflow.killed"
 # The training health flags of a run (train.health_flags), "; "-joined, or "ok".
 HEALTH_TAG = "unlearnflow.health"
-# Two create_time() readings of one process agree to the clock tick (10 ms); a reused pid belongs
-# to a process started later, so a start time off by more than this is another process.
-PID_START_TOLERANCE_S = 1.0
 
-_T = TypeVar("_T")
-
-
-def _strip_exec_tmp(path: Path) -> Path:
-    """``<root>/.dvc/tmp/exps/…`` → ``<root>``; any other path unchanged."""
-    parts = path.parts
-    n = len(EXEC_TMP_PARTS)
-    for i in range(len(parts) - n + 1):
-        if parts[i : i + n] == EXEC_TMP_PARTS:
-            return Path(*parts[:i])
-    return path
-
-
-def project_root(cwd: Path | None = None, env: Mapping[str, str] | None = None) -> Path:
-    """The project root whose ``mlflow.db`` and ``mlruns/`` every stage run tracks into.
-
-    DVC sets ``DVC_ROOT`` for every stage command (dvc 3.67 ``stage/run.py::prepare_kwargs``: the
-    repo root), and for a queued experiment overrides it with the *parent* repo's root rather than
-    the executor's temporary clone (``repo/experiments/queue/base.py``: "Override DVC_ROOT env var
-    to point to the parent DVC repo root (and not an executor tempdir root)"). So:
-
-    1. ``DVC_ROOT``, when ``cwd`` lies inside it (a ``DVC_ROOT`` left over from some other repo in
-       the environment is ignored), with any ``.dvc/tmp/exps/…`` tail removed;
-    2. otherwise ``cwd``, with any ``.dvc/tmp/exps/…`` tail removed (a stage script started by hand
-       inside a temporary workspace still tracks into the project);
-    3. otherwise ``cwd`` itself (stages run with cwd = repo root).
-
-    Args:
-        cwd: the working directory (default: the process's).
-        env: the environment (default: ``os.environ``).
-
-    Returns:
-        An absolute, resolved path.
-    """
-    env = os.environ if env is None else env
-    cwd = Path(cwd or Path.cwd()).resolve()
-    root = env.get("DVC_ROOT")
-    if root:
-        dvc_root = _strip_exec_tmp(Path(root).resolve())
-        if cwd == dvc_root or dvc_root in cwd.parents:
-            return dvc_root
-        log.warning("DVC_ROOT=%s does not contain the working directory %s: ignored", root, cwd)
-    return _strip_exec_tmp(cwd)
-
-
-def tracking_uri() -> str:
-    """The tracking URI: ``$MLFLOW_TRACKING_URI`` if set, else ``sqlite:///<project root>/mlflow.db``."""
-    env = os.environ.get("MLFLOW_TRACKING_URI")
-    if env:
-        return env
-    return f"sqlite:///{project_root() / 'mlflow.db'}"
+_QUIET_LOGGERS = ("alembic", "mlflow.store.db.utils", "mlflow.tracking.fluent", "mlflow.store.sql_alchemy")
 
 
 def dvc_experiment_tags(env: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -146,65 +69,6 @@ def dvc_experiment_tags(env: Mapping[str, str] | None = None) -> dict[str, str]:
     if env.get("DVC_EXP_BASELINE_REV"):
         tags["dvc.exp_baseline_rev"] = env["DVC_EXP_BASELINE_REV"]
     return tags
-
-
-def _is_locked(exc: BaseException) -> bool:
-    text = str(exc).lower()
-    return any(m in text for m in _LOCKED_MESSAGES)
-
-
-def retry_locked(fn: Callable[..., _T], *args: Any, what: str = "MLflow write", **kwargs: Any) -> _T:
-    """Call ``fn(*args, **kwargs)``, retrying while the SQLite store reports "database is locked".
-
-    MLflow already waits up to 20 s per statement (``PRAGMA busy_timeout = 20000``); a writer that
-    still loses (a long transaction of another worker, the first-time schema migration of a new
-    database) gets ``RETRY_ATTEMPTS`` more tries with exponential backoff instead of failing the
-    stage. Other errors propagate at once.
-    """
-    sleep = RETRY_FIRST_SLEEP_S
-    for attempt in range(RETRY_ATTEMPTS + 1):
-        try:
-            return fn(*args, **kwargs)
-        except Exception as exc:
-            if attempt == RETRY_ATTEMPTS or not _is_locked(exc):
-                raise
-            log.warning(
-                "%s: database locked, retry %d/%d in %.0f s", what, attempt + 1, RETRY_ATTEMPTS, sleep
-            )
-            time.sleep(sleep)
-            sleep *= 2
-    raise AssertionError("unreachable")  # the loop returns or raises
-
-
-def process_tags() -> dict[str, str]:
-    """Host, pid and start time of this process: what :func:`close_dead_runs` checks."""
-    import psutil  # a dependency of dvc and accelerate
-
-    return {
-        HOST_TAG: socket.gethostname(),
-        PID_TAG: str(os.getpid()),
-        PID_START_TAG: f"{psutil.Process().create_time():.3f}",
-    }
-
-
-def process_alive(pid: int, start: float | None) -> bool:
-    """Whether process ``pid`` on this host still runs and is the one that started at ``start``.
-
-    A zombie (killed, not yet reaped) counts as gone; a pid whose start time differs from ``start``
-    by more than ``PID_START_TOLERANCE_S`` was reused by another process, so the original is gone.
-    A process we may not inspect exists, so it counts as alive.
-    """
-    import psutil
-
-    try:
-        proc = psutil.Process(pid)
-        if start is not None and abs(proc.create_time() - start) > PID_START_TOLERANCE_S:
-            return False
-        return proc.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-    except psutil.AccessDenied:
-        return True
 
 
 def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -267,7 +131,7 @@ def git_state(cwd: Path | None = None) -> tuple[str, str]:
 
 
 def _mlflow():
-    """Import mlflow on first use, pointed at :func:`tracking_uri`, with its INFO chatter silenced."""
+    """Import mlflow on first use, pointed at :func:`.tracking_store.tracking_uri`, with its INFO chatter silenced."""
     import mlflow
 
     for name in _QUIET_LOGGERS:
@@ -279,93 +143,6 @@ def _mlflow():
 def _truncate(value: Any, limit: int) -> str:
     text = str(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _open_client(uri: str) -> MlflowClient:
-    """An ``MlflowClient`` on ``uri``; for SQLite, opened under a per-database inter-process lock.
-
-    The client opens the store at once, and a new SQLite database gets MLflow's schema migrations
-    there. Two workers creating the same database at the same moment (``dvc queue start -j 2`` on
-    a fresh clone) race in them ("duplicate column name", "Online migration expected to match one
-    row"), so the opening is serialised. The lock file lives in the system temp dir, keyed by the
-    database path, not next to the database: an untracked file in the repo would make every later
-    run ``git.dirty``.
-    """
-    import tempfile
-
-    from filelock import FileLock  # a dependency of torch
-    from mlflow.tracking import MlflowClient
-
-    if not uri.startswith("sqlite:"):
-        return retry_locked(MlflowClient, tracking_uri=uri, what="open the tracking store")
-    key = hashlib.sha256(uri.encode()).hexdigest()[:16]
-    with FileLock(Path(tempfile.gettempdir()) / f"unlearnflow-mlflow-{key}.lock", timeout=300):
-        return retry_locked(MlflowClient, tracking_uri=uri, what="open the tracking store")
-
-
-def _experiment_id(client: MlflowClient, name: str, uri: str) -> str:
-    """Get or create experiment ``name``; a new one stores artifacts under ``<project root>/mlruns``."""
-    from mlflow.exceptions import MlflowException
-
-    exp = retry_locked(client.get_experiment_by_name, name, what="get experiment")
-    if exp is None:
-        local = urlparse(uri).scheme not in _REMOTE_SCHEMES
-        location = (project_root() / "mlruns").as_uri() if local else None
-        try:
-            return retry_locked(client.create_experiment, name, artifact_location=location)
-        except MlflowException:  # created meanwhile by a concurrent stage
-            exp = client.get_experiment_by_name(name)
-            if exp is None:
-                raise
-    if exp.lifecycle_stage == "deleted":
-        log.warning("MLflow experiment %r was deleted; restoring it", name)
-        retry_locked(client.restore_experiment, exp.experiment_id)
-    return exp.experiment_id
-
-
-def close_dead_runs(client: MlflowClient, experiment_id: str, dvc_stage: str) -> list[str]:
-    """Set KILLED every RUNNING run of ``dvc_stage`` in the experiment whose process is gone.
-
-    A stage killed with ``kill -9`` (or by the OOM killer) never reaches ``end_run``, so its run
-    would stay RUNNING forever. A run is closed only when it was started on this host and its
-    process (pid and start time, :func:`process_tags`) no longer exists: a run of a live process,
-    such as the same item in another ``dvc queue`` worker, is never touched, and neither is a run
-    from another host or one without these tags (started before they existed), whose process
-    cannot be checked from here.
-
-    Args:
-        client: the MLflow client.
-        experiment_id: the experiment to search.
-        dvc_stage: the ``dvc.stage`` tag (``unlearn@grad_ascent-adamw``).
-
-    Returns:
-        The ids of the runs closed; each gets a ``unlearnflow.killed`` tag saying why.
-    """
-    host = socket.gethostname()
-    runs = retry_locked(
-        client.search_runs,
-        [experiment_id],
-        filter_string="attributes.status = 'RUNNING'",
-        max_results=1000,
-        what="search RUNNING runs",
-    )
-    closed = []
-    for run in runs:
-        tags = run.data.tags
-        if tags.get("dvc.stage") != dvc_stage or tags.get(HOST_TAG) != host or not tags.get(PID_TAG):
-            continue
-        start = float(tags[PID_START_TAG]) if tags.get(PID_START_TAG) else None
-        if process_alive(int(tags[PID_TAG]), start):
-            continue
-        why = (
-            f"process {tags[PID_TAG]} on {host} ended without closing the run (killed?); "
-            f"closed by the next run of {dvc_stage} (pid {os.getpid()})"
-        )
-        retry_locked(client.set_tag, run.info.run_id, KILLED_TAG, why)
-        retry_locked(client.set_terminated, run.info.run_id, "KILLED")
-        log.warning("MLflow run %s (%s) marked KILLED: %s", run.info.run_name, run.info.run_id, why)
-        closed.append(run.info.run_id)
-    return closed
 
 
 def _upstream_tags(upstream: Sequence[Path], uri: str) -> dict[str, str]:
@@ -580,8 +357,8 @@ def stage_run(
     mlflow = _mlflow()
 
     uri = tracking_uri()
-    client = _open_client(uri)
-    exp_id = _experiment_id(client, experiment, uri)
+    client = open_client(uri)
+    exp_id = get_or_create_experiment(client, experiment, uri)
     run_name = f"{stage}-{item}" if item else stage
     # DVC names the running stage itself (matrix items by their values: unlearn@grad_diff-adamw-0,
     # evaluate_base@target); outside DVC the name is rebuilt from the stage and item.

@@ -43,7 +43,7 @@ STREAMS = ("forget", "retain")
 REFERENCE_MAX_NEW_TOKENS = 200
 PERTURBED_COLUMNS = frozenset({"paraphrased_answer", "perturbed_answer"})  # a qa split's truth-ratio inputs
 
-# kind -> the metrics a utility split of that kind puts into model_utility (metrics/suite.py
+# kind -> the metrics a utility split of that kind puts into model_utility (metrics/split_metrics.py
 # registers the same kinds; tests/test_suite.py checks the two agree). qa: truth_ratio only
 # when the split is ``perturbed``.
 UTILITY_METRICS: dict[str, tuple[str, ...]] = {

@@ -1,0 +1,258 @@
+"""One split of one model run through the model once: ``score_split`` -> ``ScoredSplit``.
+
+A split is scored by ONE ``score_examples`` call over every target its metrics need (the answer,
+the paraphrased and perturbed answers, the multiple-choice options — all batched together) and,
+if a generation metric is requested, ONE ``generate_greedy`` call. ``SuiteOptions`` says how
+(batch size, token caps, generation lengths, prompt format). The metrics that read a
+``ScoredSplit`` are in ``split_metrics``; the suite that scores every split of a benchmark is
+``suite``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from unlearnflow.data.tokenize import (
+    MCQ_LETTERS,
+    PLAIN,
+    PromptFormat,
+    Truncations,
+    completion_target,
+    encode_example,
+    encode_prompt,
+    encode_prompt_text,
+    encode_qa,
+    format_mcq,
+    format_prompt,
+)
+from unlearnflow.errors import DataError
+from unlearnflow.metrics import mia
+from unlearnflow.metrics.scoring import TokenStats, generate_greedy, score_examples
+
+KNOWMEM_STOPS = ("\n\n", "\nQuestion", "Question:")  # MUSE knowmem's stop words (open-unlearning)
+
+
+@dataclass(frozen=True)
+class SuiteOptions:
+    """How the suite runs (the ``evaluate`` params section plus the model's token cap)."""
+
+    batch_size: int = 64
+    max_length: int = 512
+    max_new_tokens: int | None = None  # None: the benchmark's ``Layout.max_new_tokens``
+    knowmem_max_new_tokens: int = 32
+    verbmem_max_new_tokens: int = 128
+    text_max_length: int = 2048  # text / completion targets: the reference's CompletionDataset cap
+    min_k_fraction: float = mia.MIN_K_FRACTION
+    grad_norm_p: float = 2.0
+    mcq_format: str = "letter"
+    max_samples: int | None = None
+    seed: int = 0
+    prompt: PromptFormat = PLAIN
+    definitions: str = "reference"  # evaluate.definitions: "reference" (open-unlearning's) | "unlearnflow"
+
+
+@dataclass
+class ScoredSplit:
+    """Everything the metrics read about one split of one model.
+
+    Attributes:
+        name, kind, role: the split and its ``SplitInfo``.
+        rows: the (possibly subsampled) split rows; ``indices`` their positions in the full split.
+        target: ``TokenStats`` of each row's main target (answer, text, continuation), or None.
+        target_examples: the main target's encoded examples (reused by ``mia_grad_norm``), or None.
+        target_texts: the main target's text (zlib size), or None.
+        nll_paraphrase: (N,) avgNLL of ``paraphrased_answer`` (qa), or None.
+        nll_perturbed: (N, K) avgNLL of the K ``perturbed_answer`` entries, or None.
+        option_logprob: (N, C) summed log-probability of each choice (mcq), or None.
+        generations: N greedy outputs, or None.
+        mia_scores: MIA name -> (N,) member-likeness scores (filled by the suite).
+        definitions: ``SuiteOptions.definitions``, passed to the metric maths.
+    """
+
+    name: str
+    kind: str
+    role: str
+    rows: Sequence[Mapping[str, Any]]
+    indices: np.ndarray
+    target: list[TokenStats] | None = None
+    target_examples: list[dict] | None = None
+    target_texts: list[str] | None = None
+    nll_paraphrase: np.ndarray | None = None
+    nll_perturbed: np.ndarray | None = None
+    option_logprob: np.ndarray | None = None
+    generations: list[str] | None = None
+    mia_scores: dict[str, np.ndarray] = field(default_factory=dict)
+    definitions: str = "reference"
+
+    @property
+    def nll_answer(self) -> np.ndarray:
+        assert self.target is not None
+        return np.array([t.avg_nll for t in self.target], dtype=np.float64)
+
+
+def _target(
+    kind: str, row: Mapping[str, Any], opts: SuiteOptions, tok: Any, cuts: Truncations | None = None
+) -> tuple[dict, str]:
+    """The encoded main target of a row and its text.
+
+    Plain text (``text``: MUSE privleak / MIA texts; ``completion``: a verbmem continuation after
+    its whole prefix and one space) is encoded as open-unlearning's ``CompletionDataset``: no EOS,
+    at most ``opts.text_max_length`` target tokens (2048, configs/data/datasets/MUSE_MIA.yaml and
+    MUSE_forget_verbmem.yaml), not ``model.max_length``. QA answers keep the prompt format and
+    ``opts.max_length``.
+    """
+    if kind == "text":
+        enc = encode_example(
+            tok, "", row["text"], target_max_length=opts.text_max_length, add_eos=False, cuts=cuts
+        )
+        return enc, row["text"]
+    if kind == "completion":
+        target = completion_target(row["gt"])
+        enc = encode_example(
+            tok, row["prompt"], target, target_max_length=opts.text_max_length, add_eos=False, cuts=cuts
+        )
+        return enc, row["gt"]
+    enc = encode_qa(
+        tok, row["question"], row["answer"], max_length=opts.max_length, fmt=opts.prompt, cuts=cuts
+    )
+    return enc, row["answer"]
+
+
+def _options(
+    row: Mapping[str, Any], tok: Any, opts: SuiteOptions, cuts: Truncations | None = None
+) -> list[dict]:
+    """Encoded choices of an mcq row: the letters after the lettered prompt, or each choice's text."""
+    if opts.mcq_format == "letter":
+        prompt = format_mcq(row["question"], row["choices"])
+        targets = [" " + MCQ_LETTERS[i] for i in range(len(row["choices"]))]
+    else:
+        prompt = format_prompt(row["question"])
+        targets = [" " + c for c in row["choices"]]
+    return [
+        encode_example(tok, prompt, t, max_length=opts.max_length, add_eos=False, cuts=cuts) for t in targets
+    ]
+
+
+def _generation_prompts(kind: str, rows: Sequence[Mapping[str, Any]], tok: Any, opts: SuiteOptions) -> list:
+    """Prompt ids to generate from. None is cut to ``max_length``, as in the reference: a verbmem
+    prefix is given whole (``CompletionDataset``), and a knowmem prompt keeps every few-shot example
+    and ends as the reference's (``PromptFormat.few_shot_prompt_ids``)."""
+    if kind == "completion":
+        return [encode_prompt_text(tok, r["prompt"]) for r in rows]
+    if kind == "knowmem":
+        return [
+            opts.prompt.few_shot_prompt_ids(
+                tok, r["question"], r.get("few_shot") or (), context=r.get("context") or ""
+            )
+            for r in rows
+        ]
+    return [encode_prompt(tok, r["question"], fmt=opts.prompt) for r in rows]
+
+
+def score_split(
+    model: torch.nn.Module,
+    tok: Any,
+    name: str,
+    kind: str,
+    role: str,
+    rows: Sequence[Mapping[str, Any]],
+    indices: np.ndarray,
+    *,
+    needs: frozenset[str],
+    opts: SuiteOptions,
+    device: torch.device | str,
+) -> ScoredSplit:
+    """Run the model once over a split: one ``score_examples`` call for every needed target and,
+    if ``generation`` is needed, one ``generate_greedy`` call.
+
+    Args:
+        needs: subset of {``target``, ``vocab``, ``paraphrase``, ``perturbed``, ``options``,
+            ``generation``, ``grad``}.
+    """
+    n = len(rows)
+    examples: list[dict] = []
+    s = ScoredSplit(name=name, kind=kind, role=role, rows=rows, indices=indices, definitions=opts.definitions)
+    cuts = Truncations()  # every target of the split cut to a cap: one warning, after encoding
+    if "target" in needs:
+        encoded = [_target(kind, r, opts, tok, cuts) for r in rows]
+        s.target_examples = [e for e, _ in encoded]
+        examples += s.target_examples
+        s.target_texts = [t for _, t in encoded]
+    if "paraphrase" in needs:
+        examples += [
+            encode_qa(
+                tok,
+                r["question"],
+                r["paraphrased_answer"],
+                max_length=opts.max_length,
+                fmt=opts.prompt,
+                cuts=cuts,
+            )
+            for r in rows
+        ]
+    if "perturbed" in needs:
+        widths = {len(r["perturbed_answer"]) for r in rows}
+        if len(widths) != 1 or 0 in widths:
+            raise DataError(
+                f"split {name!r}: every row needs the same number (>= 1) of perturbed_answer; got {widths}"
+            )
+        examples += [
+            encode_qa(tok, r["question"], a, max_length=opts.max_length, fmt=opts.prompt, cuts=cuts)
+            for r in rows
+            for a in r["perturbed_answer"]
+        ]
+    if "options" in needs:
+        n_choices = {len(r["choices"]) for r in rows}
+        if len(n_choices) != 1:
+            raise DataError(f"split {name!r}: rows have different numbers of choices {sorted(n_choices)}")
+        examples += [e for r in rows for e in _options(r, tok, opts, cuts)]
+    cuts.warn(name)
+    stats = score_examples(
+        model,
+        examples,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        batch_size=opts.batch_size,
+        device=device,
+        vocab_stats="vocab" in needs,
+        desc=f"score {name}",
+    )
+    offset = 0
+
+    def take(count: int) -> list[TokenStats]:
+        nonlocal offset
+        part = stats[offset : offset + count]
+        offset += count
+        return part
+
+    if "target" in needs:
+        s.target = take(n)
+    if "paraphrase" in needs:
+        s.nll_paraphrase = np.array([t.avg_nll for t in take(n)])
+    if "perturbed" in needs:
+        k = len(rows[0]["perturbed_answer"])
+        s.nll_perturbed = np.array([t.avg_nll for t in take(n * k)]).reshape(n, k)  # row i's K are adjacent
+    if "options" in needs:
+        c = len(rows[0]["choices"])
+        s.option_logprob = np.array([float(t.logprobs.sum()) for t in take(n * c)]).reshape(n, c)
+    if "generation" in needs:
+        if opts.max_new_tokens is None:
+            raise ValueError(
+                "SuiteOptions.max_new_tokens is unresolved (evaluate_splits sets the benchmark's)"
+            )
+        max_new = {"knowmem": opts.knowmem_max_new_tokens, "completion": opts.verbmem_max_new_tokens}
+        s.generations = generate_greedy(
+            model,
+            tok,
+            _generation_prompts(kind, rows, tok, opts),
+            max_new_tokens=max_new.get(kind, opts.max_new_tokens),
+            batch_size=opts.batch_size,
+            device=device,
+            stop_strings=KNOWMEM_STOPS if kind == "knowmem" else (),
+        )
+    return s
