@@ -37,9 +37,10 @@ def tiny_tokenizer():
     return train_bpe_tokenizer(TINY_TEXTS * 4, vocab_size=320)
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def make_tiny_model(tiny_tokenizer):
-    """Build a fresh tiny Llama; two calls give identical weights (seed 0)."""
+    """Build a fresh tiny Llama; two calls give identical weights (seed 0). A stateless factory, so
+    session-scoped: module fixtures may use it too."""
     from unlearnflow.modeling import build_llama
 
     def make():

@@ -29,10 +29,10 @@ def assert_one_line_error(result, *expected: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory, tiny_tokenizer) -> Path:
+def workdir(tmp_path_factory, tiny_tokenizer, make_tiny_model) -> Path:
     """A tiny synthetic benchmark prepared by the prepare stage, a saved tiny model, and params that
     keep evaluate to a few samples per split."""
-    from unlearnflow.modeling import build_llama, save_pretrained
+    from unlearnflow.modeling import save_pretrained
 
     root = tmp_path_factory.mktemp("bad_input")
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
@@ -43,17 +43,7 @@ def workdir(tmp_path_factory, tiny_tokenizer) -> Path:
     # Every default metric (model_utility needs the benchmark's full set) on 2 samples per split.
     params["evaluate"].update(max_samples=2, max_new_tokens=4, knowmem_max_new_tokens=4)
     (root / "params.yaml").write_text(yaml.safe_dump(params))
-    model = build_llama(
-        tiny_tokenizer,
-        hidden_size=32,
-        num_layers=2,
-        num_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=128,
-        tie_word_embeddings=True,
-        seed=0,
-    )
-    save_pretrained(model, tiny_tokenizer, root / "model")
+    save_pretrained(make_tiny_model(), tiny_tokenizer, root / "model")
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(root)
         mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
