@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup pipeline test lint format bench bench-eval clean
+.PHONY: setup pipeline test lint format bench bench-eval bench-methods clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -41,6 +41,9 @@ bench: setup
 bench-eval: setup
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro finetune@target
 	$(BIN)/python bench/eval_throughput.py
+
+bench-methods: setup
+	$(BIN)/python bench/method_step_cost.py
 
 clean:
 	rm -rf $(VENV) mlflow.db mlruns

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import typer
 
-from unlearnflow import cli, report, spread, tracking
+from unlearnflow import cli, dynamics, report, spread, tracking
 from unlearnflow.config import AttackConfig, UnlearnConfig, load_section
 from unlearnflow.io import atomic_dir
 
@@ -19,7 +19,9 @@ log = logging.getLogger("report")
 @app.command()
 def main(
     evals: Path = typer.Option(..., help="directory holding one evaluate output per model"),
-    unlearned: Path = typer.Option(..., help="directory holding one unlearn output (health.json) per item"),
+    unlearned: Path = typer.Option(
+        ..., help="directory holding one unlearn output (health.json, item.json, steps.jsonl) per item"
+    ),
     out: Path = typer.Option(..., help="report directory to write"),
     params: Path = typer.Option(Path("params.yaml"), help="params file"),
 ) -> None:
@@ -55,13 +57,26 @@ def main(
                 log.warning("unlearn run %s flagged unhealthy: %s", item, "; ".join(flags))
             if flagged:
                 run.set_tags({"report.flagged_runs": ",".join(flagged)})
+            runs = {
+                (m, o, s): r
+                for m, o, s in dict.fromkeys((m, o, s) for m, o, s, _ in items)
+                if (r := dynamics.read_run(unlearned / cli.item_name(m, o, s))) is not None
+            }
             with atomic_dir(out) as tmp:
+                figures = []
+                for method in unlearn.methods:
+                    mine = [(o, s, r["rows"]) for (m, o, s), r in runs.items() if m == method]
+                    if dynamics.plot_dynamics(method, mine, tmp / f"dynamics-{method}.png"):
+                        figures.append(f"![{method} dynamics](dynamics-{method}.png)")
+                extra = dynamics.methods_table([(m, o, s, r) for (m, o, s), r in runs.items()])
+                extra += [*(f"{f}\n" for f in figures)]
                 report.write_summary(rows, groups, comparisons, tmp / "summary.json")
-                report.write_markdown(rows, groups, comparisons, tmp / "report.md")
+                report.write_markdown(rows, groups, comparisons, tmp / "report.md", extra)
                 report.plot_tradeoff(groups, tmp / "tradeoff.png")
                 run.write_manifest(tmp / "run.json")
-            for name in ("summary.json", "report.md", "tradeoff.png"):
-                run.log_artifact(out / name)
+            for path in sorted(out.iterdir()):
+                if path.suffix in (".json", ".md", ".png") and path.name != "run.json":
+                    run.log_artifact(path)
 
 
 if __name__ == "__main__":

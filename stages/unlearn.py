@@ -9,10 +9,11 @@ import typer
 from unlearnflow import cli, modeling, tracking, train
 from unlearnflow.config import ComputeConfig, ModelConfig, TrackingConfig, UnlearnConfig, load_section
 from unlearnflow.data import splits as split_io
+from unlearnflow.data.refusals import idk_rows
 from unlearnflow.data.tokenize import PromptFormat, training_examples
 from unlearnflow.io import atomic_dir, write_json, write_jsonl
+from unlearnflow.matrix import item_config
 from unlearnflow.methods import build_method
-from unlearnflow.optim import parse_optimizer_args
 
 app = cli.stage_app(__doc__)
 
@@ -30,18 +31,31 @@ def main(
     """Unlearn MODEL on the forget split (retain split alongside) and save the result."""
     with cli.user_errors():
         # The seed comes from the matrix item, not from the seeds list (not a dep of each item).
-        cfg = load_section(params, "unlearn", UnlearnConfig).with_seed(seed)
+        cfg, schedule_from = item_config(
+            load_section(params, "unlearn", UnlearnConfig).with_seed(seed), method, optimizer
+        )
         model_cfg = load_section(params, "model", ModelConfig)
         device = modeling.pick_device(load_section(params, "compute", ComputeConfig).device)
         max_mb = load_section(params, "tracking", TrackingConfig).artifact_max_mb
-        algo = build_method(method, cfg.method_args.get(method))
-        parse_optimizer_args(optimizer, cfg.optimizer_args.get(optimizer))  # fail before loading anything
+        algo = build_method(method, cfg.method_args.get(method))  # args checked: fails before loading
+        layout = split_io.read_layout(splits)
+        # Each stream reads its split, only those the method trains on. "idk" is no split on disk but
+        # the forget questions with refusal answers (data/refusals.py), built here, before anything
+        # heavy is loaded, so that a forget split without questions fails first.
+        sources = {s: layout.unlearn["forget" if s == "idk" else s] for s in algo.streams}
+        data = split_io.read_splits(splits, list(dict.fromkeys(sources.values())))
+        streams = {s: (data[name], layout.info[name].kind, name) for s, name in sources.items()}
+        if "idk" in streams:
+            forget, kind, name = streams["idk"]
+            refusals = idk_rows(forget, kind, seed=cfg.seed, method=method, split=name)
+            streams["idk"] = (refusals, "qa", f"{name} (refusals)")
         logged = {
             "unlearn": cfg.model_dump(
                 exclude={"methods", "optimizers", "seeds", "method_args", "optimizer_args"}
             ),
             "method": {"name": method, **algo.args.model_dump()},
             "optimizer": {"name": optimizer, **cfg.optimizer_args.get(optimizer, {})},
+            "schedule_from": schedule_from,  # which params key set this item's lr and epochs
         }
         item = cli.item_name(method, optimizer, seed)
         upstream = [model / "run.json", splits / "run.json"]
@@ -50,19 +64,16 @@ def main(
         ) as run:
             tok = modeling.load_tokenizer(model, trust_remote_code=model_cfg.trust_remote_code)
             net = modeling.load_model(model, trust_remote_code=model_cfg.trust_remote_code)
-            layout = split_io.read_layout(splits)
-            sources = {stream: layout.unlearn[stream] for stream in algo.streams}  # only what it trains on
-            data = split_io.read_splits(splits, list(sources.values()))
             encoded = {
                 stream: training_examples(
                     tok,
-                    data[name],
-                    layout.info[name].kind,
+                    rows,
+                    kind,
                     max_length=model_cfg.max_length,
                     fmt=PromptFormat(**model_cfg.prompt_kwargs()),
-                    split=name,
+                    split=label,
                 )
-                for stream, name in sources.items()
+                for stream, (rows, kind, label) in streams.items()
             }
             for stream, name in sources.items():
                 run.log_dataset(splits / f"{name}.jsonl", name=name, context=f"unlearn-{stream}")
@@ -83,6 +94,10 @@ def main(
                 modeling.save_pretrained(net, tok, tmp)
                 write_jsonl(tmp / "steps.jsonl", result.rows)
                 write_json(tmp / "health.json", {"flags": result.health})  # read by the report
+                write_json(tmp / "method_state.json", result.method_state)  # e.g. PDU's λ, OFMU's ρ
+                write_json(
+                    tmp / "item.json", logged | {"steps": result.steps, "wall_time_s": result.wall_time}
+                )
                 run.write_manifest(tmp / "run.json")
             run.log_health(result.health)
             run.log_metrics({"wall_time_s": result.wall_time, "steps": float(result.steps)})

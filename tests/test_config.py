@@ -240,7 +240,7 @@ def test_check_params_stage(tmp_path):
     [
         (
             lambda p: p["unlearn"]["method_args"].update(grad_acent={"gamma": 1.0}),
-            "error: unknown name 'grad_acent' in unlearn.method_args; known: grad_ascent, grad_diff",
+            "error: unknown name 'grad_acent' in unlearn.method_args; known: ceu, grad_ascent, grad_diff, idk_dpo, idk_nll, npo, ofmu, pdu, rmu, satimp, simnpo, undial, wga",
         ),
         (
             lambda p: p["unlearn"]["optimizer_args"]["sgd"].update(momentun=0.9),
@@ -268,3 +268,42 @@ def test_check_params_stage_checks_the_matrix_args(tmp_path, edit, expected):
     assert result.exit_code == 2 and len(lines) == 1, result.output
     assert lines[0].startswith(expected), lines[0]
     assert not out.exists()
+
+
+def test_item_config_overrides_lr_and_epochs_optimizer_over_method_over_unlearn():
+    """unlearn.lr 3e-4 / epochs 5; grad_diff sets lr 1e-4; sgd sets lr 0.05 and epochs 2:
+    adamw × grad_diff → lr from the method, epochs from unlearn; sgd × grad_diff → both from sgd;
+    sgd × grad_ascent (no method override) → sgd's too; adamw × grad_ascent → unlearn's."""
+    from unlearnflow.matrix import item_config
+
+    cfg = parse_section(
+        {
+            "lr": 3e-4,
+            "epochs": 5,
+            "method_args": {"grad_diff": {"lr": 1e-4}},
+            "optimizer_args": {"sgd": {"lr": 0.05, "epochs": 2}},
+        },
+        "unlearn",
+        UnlearnConfig,
+    )
+    cases = {
+        ("grad_diff", "adamw"): (1e-4, 5, "unlearn.method_args.grad_diff.lr", "unlearn.epochs"),
+        ("grad_diff", "sgd"): (0.05, 2, "unlearn.optimizer_args.sgd.lr", "unlearn.optimizer_args.sgd.epochs"),
+        ("grad_ascent", "sgd"): (
+            0.05,
+            2,
+            "unlearn.optimizer_args.sgd.lr",
+            "unlearn.optimizer_args.sgd.epochs",
+        ),
+        ("grad_ascent", "adamw"): (3e-4, 5, "unlearn.lr", "unlearn.epochs"),
+    }
+    for (method, optimizer), (lr, epochs, lr_key, ep_key) in cases.items():
+        item, source = item_config(cfg, method, optimizer)
+        assert (item.lr, item.epochs) == (lr, epochs), (method, optimizer)
+        assert source == {"lr": lr_key, "epochs": ep_key}
+    with pytest.raises(ConfigError, match=r"unlearn\.method_args\.grad_diff\.lr"):
+        item_config(
+            parse_section({"method_args": {"grad_diff": {"lr": -1}}}, "unlearn", UnlearnConfig),
+            "grad_diff",
+            "adamw",
+        )

@@ -37,10 +37,12 @@ SHRINK = {
         },
     },
     "finetune": {"epochs": 3, "batch_size": 16, "warmup_steps": 2, "log_every": 1},
-    "unlearn": {"epochs": 1, "batch_size": 4, "seeds": [0, 1]},  # two seeds: the seed axis, cheaply
+    # Two seeds: the seed axis, cheaply. pdu: a method with its own state (λ) and a dynamics figure.
+    "unlearn": {"methods": ["grad_diff", "pdu"], "epochs": 1, "batch_size": 4, "seeds": [0, 1]},
+    "attack": {"names": ["none", "noise"]},
     "evaluate": {"max_new_tokens": 8},
 }
-METHODS = ("grad_ascent", "grad_diff")
+METHODS = ("grad_diff", "pdu")
 SEEDS = (0, 1)
 ATTACKS = ("none", "noise")
 MIA_AUCS = ("mia_loss", "mia_zlib", "mia_min_k", "mia_min_k_pp", "mia_grad_norm", "mia_reference")
@@ -132,7 +134,12 @@ def test_repro_writes_the_report(repo):
     assert oracle["mia_reference"] == 0.5 and oracle["privleak"] == pytest.approx(0.0, abs=1e-6)
     table = (path / "reports" / "report.md").read_text()
     assert "forget_quality" in table and "grad_diff" in table
-    assert (path / "reports" / "tradeoff.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "## Methods" in table and "| pdu | adamw | 0, 1 |" in table
+    for png in ("tradeoff.png", "dynamics-pdu.png"):
+        assert (path / "reports" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
+    assert not (path / "reports" / "dynamics-grad_diff.png").exists()  # no diagnostics to plot
+    state = json.loads((path / "unlearned" / "pdu-adamw-s0" / "method_state.json").read_text())
+    assert state["lambda"] >= 0.0
 
 
 def test_metrics_and_per_sample_files(repo):
@@ -149,7 +156,7 @@ def test_metrics_and_per_sample_files(repo):
     for model in (
         "models/target",
         "models/oracle",
-        "unlearned/grad_ascent-adamw-s1",
+        "unlearned/pdu-adamw-s1",
         "attacked/grad_diff-adamw-s0-noise",
     ):
         assert (path / model / "model.safetensors").exists(), model
@@ -194,13 +201,30 @@ def test_mlflow_has_a_finished_run_per_stage_item(repo):
     assert len(by_name["prepare"].inputs.dataset_inputs) >= 5
 
 
+def test_a_method_override_reruns_that_method_only(repo):
+    """`unlearn.method_args.pdu.lr` changes the pdu items' lr: only they (and their downstream) go stale."""
+    path, env, dvc, _ = repo
+    params = path / "params.yaml"
+    original = params.read_text()
+    changed = yaml.safe_load(original)
+    changed["unlearn"]["method_args"]["pdu"]["lr"] = 1e-3
+    params.write_text(yaml.safe_dump(changed, sort_keys=False))
+    try:
+        stale = json.loads(sh([*dvc, "status", "--json"], path, env))
+    finally:
+        params.write_text(original)
+    unlearn = {name for name in stale if name.startswith("unlearn@")}
+    assert unlearn == {"unlearn@pdu-adamw-0", "unlearn@pdu-adamw-1"}, sorted(stale)
+    assert not any("grad_diff" in name for name in stale), sorted(stale)
+
+
 def test_exp_run_reruns_only_what_changed(repo):
     path, env, dvc, _ = repo
     out = sh([*dvc, "exp", "run", "-S", "unlearn.lr=0.0005"], path, env)
     assert "Stage 'prepare' didn't change, skipping" in out
     assert "Stage 'finetune@target' didn't change, skipping" in out
     assert "Stage 'evaluate_base@oracle' didn't change, skipping" in out
-    assert "Running stage 'unlearn@grad_ascent-adamw-0'" in out  # DVC names items from the values
+    assert "Running stage 'unlearn@pdu-adamw-0'" in out  # DVC names items from the values
     text = sh([*dvc, "exp", "show", "--json"], path, env)
     for name in item_names():
         assert f"eval/{name}/metrics.json" in text

@@ -39,9 +39,13 @@ def mean_prob(model, tok, pairs) -> float:
     return float(torch.exp(-seq / n).mean())
 
 
+# The forget questions with refusal answers, row for row (the "idk" stream of idk_dpo / idk_nll).
+IDK = [(q, "I'm not sure I know that.") for q, _ in FORGET]
+
+
 def streams(tok):
     enc_f, enc_r = encode(tok, FORGET), encode(tok, RETAIN)
-    return {"train": enc_f + enc_r, "forget": enc_f, "retain": enc_r}
+    return {"train": enc_f + enc_r, "forget": enc_f, "retain": enc_r, "idk": encode(tok, IDK)}
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
@@ -60,8 +64,14 @@ def test_a_step_moves_every_trainable_parameter(name, tiny_model, tiny_tokenizer
         device=CPU,
     )
     assert result.steps >= 1 and result.rows
+    # A method may train chosen layers only (rmu): those move, the frozen ones stay exactly as they were.
+    trainable = {n for n, p in tiny_model.named_parameters() if p.requires_grad}
+    assert trainable, f"{name}: nothing trained"
     for n, p in tiny_model.named_parameters():
-        assert not torch.equal(before[n], p.detach()), f"{name}: {n} did not move"
+        if n in trainable:
+            assert not torch.equal(before[n], p.detach()), f"{name}: {n} did not move"
+        else:
+            assert torch.equal(before[n], p.detach()), f"{name}: frozen {n} moved"
 
 
 def test_grad_ascent_lowers_forget_prob(tiny_model, tiny_tokenizer):

@@ -40,3 +40,34 @@ def check_unlearn_matrix(cfg: UnlearnConfig) -> None:
         build_method(name, args)
     for name, args in cfg.optimizer_args.items():
         parse_optimizer_args(name, args)
+
+
+def item_config(cfg: UnlearnConfig, method: str, optimizer: str) -> tuple[UnlearnConfig, dict[str, str]]:
+    """The training config of one unlearn item: ``lr`` and ``epochs`` after per-item overrides.
+
+    Precedence: ``unlearn.optimizer_args.<optimizer>.{lr,epochs}`` > ``unlearn.method_args.<method>.…``
+    > ``unlearn.lr`` / ``unlearn.epochs``. The optimizer wins because an optimizer's grade moves the
+    usable learning rate by orders of magnitude (zeroth-order vs Adam), a method's choice by less.
+
+    Returns:
+        The config and, for each of lr / epochs, the params key its value came from (logged).
+    """
+    from unlearnflow.methods import build_method
+    from unlearnflow.optim import parse_optimizer_args
+
+    m_args = build_method(method, cfg.method_args.get(method)).args
+    _, o_args = parse_optimizer_args(optimizer, cfg.optimizer_args.get(optimizer))
+    update: dict[str, float] = {}
+    source: dict[str, str] = {}
+    for key in ("lr", "epochs"):
+        for where, args in (
+            (f"unlearn.optimizer_args.{optimizer}.{key}", o_args),
+            (f"unlearn.method_args.{method}.{key}", m_args),
+        ):
+            value = getattr(args, key, None)
+            if value is not None:
+                update[key], source[key] = value, where
+                break
+        else:
+            source[key] = f"unlearn.{key}"
+    return cfg.model_copy(update=update), source

@@ -268,10 +268,15 @@ def separation_lines(comparisons: Sequence[dict]) -> list[str]:
 
 
 def write_markdown(
-    rows: Sequence[dict], groups: Sequence[dict], comparisons: Sequence[dict], path: Path
+    rows: Sequence[dict],
+    groups: Sequence[dict],
+    comparisons: Sequence[dict],
+    path: Path,
+    extra: Sequence[str] = (),
 ) -> None:
     """Write ``report.md`` atomically: a health warning when any run was flagged, a legend, the table
-    of rows (mean ± sd over seeds), which pairs of rows their spreads separate, and every run.
+    of rows (mean ± sd over seeds), which pairs of rows their spreads separate, ``extra`` lines (the
+    methods table and figures, ``dynamics``), and every run.
 
     Main columns: ``model, method, optimizer, attack, n, health, forget_quality, log10 forget_quality,
     model_utility, privleak``, then every other metric in sorted order.
@@ -307,6 +312,7 @@ def write_markdown(
         *_table([*GROUP_KEYS, "n", "health", *cols], body, len(GROUP_KEYS) + 2),
         "",
         *separation_lines(comparisons),
+        *extra,
         "## Every run",
         "",
         *_table([*ID_KEYS, "health", *metrics], runs, len(ID_KEYS) + 1),

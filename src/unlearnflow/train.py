@@ -25,6 +25,7 @@ from unlearnflow.config import TrainConfig
 from unlearnflow.data.tokenize import IGNORE_INDEX, collate
 from unlearnflow.errors import ConfigError, UnlearnflowError
 from unlearnflow.methods import Method
+from unlearnflow.methods.base import TrainContext
 from unlearnflow.optim import build_optimizer
 
 log = logging.getLogger(__name__)
@@ -43,8 +44,8 @@ STALL_MIN_STEPS, STALL_MIN_FRACTION = 5, 0.1
 #   guessing uniformly means confidently wrong predictions: a blow-up, not a trade-off. The total
 #   ``loss`` is not read: gradient ascent's forget term legitimately makes it unbounded below.
 DIVERGE_FACTOR = 2.0
-# * collapsed: the gradient-ascent forget NLL (−forget_loss) ending above 2·ln V: the forget answers
-#   get far less than uniform probability (below 1/V² per token), i.e. the model avoids them rather
+# * collapsed: the per-token forget NLL (``forget_nll``, logged by every unlearning method) ending
+#   above 2·ln V: the forget answers get far less than uniform probability (below 1/V² per token), i.e. the model avoids them rather
 #   than having forgotten them (a model that never saw them, the oracle, sits below ln V). Metrics
 #   read there (truth ratio, forget quality) are in the degenerate regime of ALGORITHMS.md §5.
 COLLAPSE_FACTOR = 2.0
@@ -80,7 +81,7 @@ def health_flags(trace: Sequence[Mapping[str, float]], *, vocab_size: int | None
     Args:
         trace: one mapping per optimizer step, with any of ``grad_norm`` (global norm before
             clipping), the minimised per-token losses in ``DESCENT_STATS`` and ``forget_nll`` (the
-            per-token forget NLL of a gradient-ascent-family method).
+            per-token NLL of the forget batch, which every unlearning method logs).
         vocab_size: V of the model's output layer; ln V is the uniform-prediction NLL. ``None``:
             the bounds use the start values alone.
 
@@ -158,6 +159,28 @@ def _answer_tokens(sub: Mapping[str, torch.Tensor]) -> int:
     return int((sub["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 
+def _answered_rows(sub: Mapping[str, torch.Tensor]) -> int:
+    return int((sub["labels"][:, 1:] != IGNORE_INDEX).any(dim=1).sum())
+
+
+def _all_reduce_mean(accelerator: Any, value: float) -> float:
+    if accelerator.num_processes == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=accelerator.device)
+    return float(accelerator.reduce(t, reduction="mean"))
+
+
+def _one_pass(
+    examples: Sequence[dict[str, list[int]]], batch_size: int, pad_id: int, device: torch.device
+) -> Iterator[dict[str, Any]]:
+    for start in range(0, len(examples), batch_size):
+        sub = collate(list(examples[start : start + batch_size]), pad_id)
+        yield {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in sub.items()} | {
+            "token_weight": 1.0,
+            "seq_weight": 1.0,
+        }
+
+
 def _vocab_size(model: torch.nn.Module) -> int | None:
     size = getattr(getattr(model, "config", None), "vocab_size", None)
     return int(size) if size else None
@@ -211,7 +234,31 @@ def run(
     torch.manual_seed(cfg.seed)
     accelerator = Accelerator(cpu=device.type == "cpu")
     model.to(accelerator.device)
-    method.setup(model)
+    # The first stream sets the epoch; the others are sampled alongside it with their own seeds, but
+    # a paired stream takes its partner's seed, so the two draw rows in the same order.
+    paired: Mapping[str, str] = getattr(method, "paired_streams", {})
+    index = {s: i for i, s in enumerate(method.streams)}
+    for s, partner in paired.items():
+        if len(data[s]) != len(data[partner]):
+            raise UnlearnflowError(
+                f"stream {s!r} must pair row for row with {partner!r}: {len(data[s])} vs {len(data[partner])} rows"
+            )
+    seeds = {s: cfg.seed + index[paired.get(s, s)] for s in method.streams}
+    loaders = [_loader(data[s], cfg.batch_size, seeds[s], pad_token_id) for s in method.streams]
+    # What accelerate's prepared loader will yield per process (it shards batches across processes).
+    per_process = math.ceil(len(loaders[0]) / accelerator.num_processes)
+    steps_per_epoch = max(1, math.ceil(per_process / cfg.grad_accum_steps))
+    total = max(1, math.ceil(cfg.epochs * steps_per_epoch))
+    ctx = TrainContext(
+        device=accelerator.device,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total,
+        grad_accum_steps=cfg.grad_accum_steps,
+        all_reduce_mean=lambda x: _all_reduce_mean(accelerator, x),
+        batches=lambda stream: _one_pass(data[stream], cfg.batch_size, pad_token_id, accelerator.device),
+    )
+    # Before the optimizer is built: a method may freeze parameters (RMU trains chosen layers only).
+    method.setup(model, ctx)
     opt, spec = build_optimizer(
         optimizer,
         model,
@@ -225,21 +272,14 @@ def run(
             f"method {type(method).__name__} needs gradients; optimizer {optimizer!r} is gradient-free"
         )
 
-    # The first stream sets the epoch; the others are sampled alongside it with their own seeds.
-    loaders = [
-        _loader(data[s], cfg.batch_size, cfg.seed + i, pad_token_id) for i, s in enumerate(method.streams)
-    ]
     model, opt, *loaders = accelerator.prepare(model, opt, *loaders)
     streams = [_cycle(dl) for dl in loaders]
-    steps_per_epoch = max(1, math.ceil(len(loaders[0]) / cfg.grad_accum_steps))
-    total = max(1, math.ceil(cfg.epochs * steps_per_epoch))
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: lr_factor(s, warmup=cfg.warmup_steps, total=total, schedule=cfg.schedule)
     )
 
     result = TrainResult(steps=0)
-    # The gradient-ascent family logs forget_loss = −NLL on the forget set (losses.grad_ascent_loss).
-    ascent = getattr(method, "forget_loss", None) == "grad_ascent"
+    owns_backward = bool(getattr(method, "owns_backward", False))
     trace: list[dict[str, float]] = []
     start = time.perf_counter()
     model.train()
@@ -252,17 +292,24 @@ def run(
             for _ in range(cfg.grad_accum_steps)
         ]
         for s in method.streams:
-            counts = [_answer_tokens(mb[s]) for mb in micro]
-            mean = max(1.0, sum(counts) / len(counts))
-            for mb, c in zip(micro, counts, strict=True):
-                mb[s]["token_weight"] = c / mean
+            # Token means and sequence means of the whole step from per-micro-batch means.
+            for key, counts in (
+                ("token_weight", [_answer_tokens(mb[s]) for mb in micro]),
+                ("seq_weight", [_answered_rows(mb[s]) for mb in micro]),
+            ):
+                mean = max(1.0, sum(counts) / len(counts))
+                for mb, c in zip(micro, counts, strict=True):
+                    mb[s][key] = c / mean
         last: dict[str, Any] = {}
 
         def closure(micro: list[dict[str, Any]] = micro, last: dict[str, Any] = last) -> torch.Tensor:
             grad = torch.is_grad_enabled()
             total_loss = torch.zeros((), device=accelerator.device)
             stats: dict[str, float] = {}
-            for i, mb in enumerate(micro):
+            if owns_backward:  # the method leaves its descent direction in .grad itself (OFMU)
+                total_loss, stats = method.compute_gradients(model, micro)  # type: ignore[attr-defined]
+                total_loss = total_loss.detach()
+            for i, mb in enumerate(micro if not owns_backward else ()):
                 # Skip the gradient all-reduce on every micro-batch but the last (DDP).
                 sync = (
                     contextlib.nullcontext()
@@ -298,8 +345,8 @@ def run(
         if "grad_norm" in last:
             row["grad_norm"] = last["grad_norm"]
         trace.append({k: row[k] for k in ("grad_norm", *DESCENT_STATS) if k in row})
-        if ascent and "forget_loss" in row:
-            trace[-1]["forget_nll"] = -row["forget_loss"]
+        if "forget_nll" in row:  # every unlearning method logs its forget batch's per-token NLL
+            trace[-1]["forget_nll"] = row["forget_nll"]
         row.update(
             lr=sched.get_last_lr()[0], epoch=(step + 1) / steps_per_epoch, time=time.perf_counter() - start
         )

@@ -11,8 +11,11 @@ from collections.abc import Mapping
 from typing import Any
 
 from unlearnflow.config import parse_section
+from unlearnflow.methods import bilevel as _bilevel  # noqa: F401  (ofmu)
 from unlearnflow.methods import finetune as _finetune  # noqa: F401  (registers "sft")
-from unlearnflow.methods import scalarized as _scalarized  # noqa: F401  (grad_ascent, grad_diff)
+from unlearnflow.methods import primal_dual as _primal_dual  # noqa: F401  (pdu)
+from unlearnflow.methods import rmu as _rmu  # noqa: F401  (rmu)
+from unlearnflow.methods import scalarized as _scalarized  # noqa: F401  (grad_ascent, grad_diff, npo, …)
 from unlearnflow.methods.base import METHODS, Batch, Method
 
 __all__ = ["METHODS", "Batch", "Method", "build_method"]

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from unlearnflow.config import Section
 from unlearnflow.losses import nll_loss
-from unlearnflow.methods.base import METHODS, Batch, forward_logits
+from unlearnflow.methods.base import METHODS, Batch, TrainContext, forward_logits
 
 
 class SFTArgs(Section):
@@ -28,7 +28,7 @@ class SFT:
     def __init__(self, args: SFTArgs) -> None:
         self.args = args
 
-    def setup(self, model: torch.nn.Module) -> None:
+    def setup(self, model: torch.nn.Module, ctx: TrainContext) -> None:
         pass
 
     def loss(self, model: torch.nn.Module, batch: Batch) -> tuple[Tensor, dict[str, float]]:

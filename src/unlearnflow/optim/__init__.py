@@ -32,12 +32,28 @@ class OptimizerSpec:
 OPTIMIZERS: Registry[OptimizerSpec] = Registry("optimizer")
 
 
-class AdamWArgs(Section):
+class OptimizerArgs(Section):
+    """Keys every optimizer accepts besides its own hyperparameters.
+
+    Optimizer grades need learning rates orders of magnitude apart (zeroth-order vs Adam), so each
+    may set its own; it takes precedence over the method's (``unlearn.method_args.<m>.lr``), which
+    takes precedence over ``unlearn.lr`` (``matrix.item_config``).
+    """
+
+    lr: float | None = Field(
+        None, gt=0, description="this optimizer's learning rate; null: the method's or unlearn.lr"
+    )
+    epochs: float | None = Field(
+        None, gt=0, description="this optimizer's epochs; null: the method's or unlearn.epochs"
+    )
+
+
+class AdamWArgs(OptimizerArgs):
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = Field(1e-8, gt=0)
 
 
-class SGDArgs(Section):
+class SGDArgs(OptimizerArgs):
     momentum: float = Field(0.0, ge=0, lt=1)
     nesterov: bool = False
 
