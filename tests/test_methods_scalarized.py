@@ -246,7 +246,7 @@ def run_method(name, model, tok, *, args=None, epochs=5, lr=5e-3, forget=FORGET,
     return method
 
 
-@pytest.mark.parametrize("name", NEW)
+@pytest.mark.parametrize("name", ["grad_diff", *NEW])
 def test_method_lowers_forget_prob_and_moves_params(name, learned, make_tiny_model, tiny_tokenizer):
     """Default hyperparameters but α = 0, 5 AdamW steps at lr 5e-3 on the learned tiny model: the
     forget answers' probability at least halves and every parameter moves. α = 0 so that the fall is

@@ -32,8 +32,9 @@ pairs (``finite_diff``). A round evaluates ∇Φ T + 1 times (θ_0 … θ_T) plu
 ``exact`` a third-order backward. Measured (median of 5, CPU, ratio to a GradDiff step): tiny
 model 8.6× with the defaults, 5.8× with ``forget_only``, 14.7× with T = 5 (forget_only), 3.3×
 with β = 0; on the embedded model the double backward through attention and the vocabulary
-softmax weighs more (defaults ≈ 15-25×). The paper's 2.85-4.22× a gradient-ascent step is not
-reached with exact curvature; see docs/methods.md.
+softmax weighs more (defaults ≈ 13×, 7.6× with ``forget_only``, 2.7× with β = 0 and
+``forget_only``; median of 3 on a loaded machine). The paper's 2.85-4.22× a gradient-ascent step is
+not reached with exact curvature; docs/method-step-cost.md has the benchmark (``make bench-methods``).
 
 Single process only: the gradients are taken with ``torch.autograd.grad``, which DDP's gradient
 all-reduce never sees, so ``setup`` refuses a multi-process run rather than let ranks drift apart.
