@@ -43,7 +43,7 @@ def _rss_mib() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def worker(method: str, config: str, steps: int, warmup: int) -> dict:
+def worker(method: str, config: str, steps: int, warmup: int, threads: int) -> dict:
     """Run ``warmup + steps`` optimizer steps of ``method`` in this process and measure them."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -53,7 +53,7 @@ def worker(method: str, config: str, steps: int, warmup: int) -> dict:
     from unlearnflow.methods import build_method
 
     torch.manual_seed(0)
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    torch.set_num_threads(threads)
     model = LlamaForCausalLM(
         LlamaConfig(
             vocab_size=VOCAB,
@@ -102,10 +102,11 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--methods", default=None, help="comma-separated; default: every unlearning method")
     ap.add_argument("--configs", default="embedded,large")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads per worker")
     ap.add_argument("--worker", nargs=2, metavar=("METHOD", "CONFIG"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        print(json.dumps(worker(*args.worker, args.steps, args.warmup)))
+        print(json.dumps(worker(*args.worker, args.steps, args.warmup, args.threads)))
         return
 
     sys.path.insert(0, str(ROOT / "src"))
@@ -131,6 +132,8 @@ def main() -> None:
                     str(args.steps),
                     "--warmup",
                     str(args.warmup),
+                    "--threads",
+                    str(args.threads),
                 ],
                 capture_output=True,
                 text=True,
@@ -156,7 +159,8 @@ def write(results: list[dict], args: argparse.Namespace) -> None:
         r["time_ratio"] = r["step_s_median"] / ref["step_s_median"]
         r["memory_ratio"] = r["peak_extra_mib"] / ref["peak_extra_mib"] if ref["peak_extra_mib"] else None
     machine = (
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {platform.python_version()}"
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs ({args.threads} torch "
+        f"threads per worker), Python {platform.python_version()}"
     )
     lines = [
         "# Step cost of every unlearning method",

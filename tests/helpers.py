@@ -16,3 +16,38 @@ def load_stage(name: str) -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+# Two memorisable forget facts and two retain facts: the behaviour tests of the training loop and of
+# every method train a tiny model on them and read the answers' probability back.
+FORGET = [
+    ("Where was Alda Voss born?", "Alda Voss was born in Kerravin."),
+    ("What genre does Brom Tellan write?", "Brom Tellan writes gothic mystery novels."),
+]
+RETAIN = [
+    ("In which year was Cira Maelor born?", "Cira Maelor was born in 1957."),
+    ("Who wrote The Glass Orchard?", "The Glass Orchard was written by Ivo Stenmark."),
+]
+
+
+def encode(tok, pairs) -> list[dict[str, list[int]]]:
+    """Encode (question, answer) pairs as training examples (answer-only labels)."""
+    from unlearnflow.data.tokenize import encode_qa
+
+    return [encode_qa(tok, q, a, max_length=64) for q, a in pairs]
+
+
+def mean_prob(model, tok, pairs) -> float:
+    """exp(−avgNLL) averaged over pairs: the TOFU `prob` of these answers."""
+    import torch
+
+    from unlearnflow.data.tokenize import collate
+    from unlearnflow.losses import sequence_nll
+
+    batch = collate(encode(tok, pairs), tok.pad_token_id)
+    with torch.no_grad():
+        seq, n = sequence_nll(
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
+            batch["labels"],
+        )
+    return float(torch.exp(-seq / n).mean())

@@ -5,42 +5,18 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import FORGET, RETAIN, encode, mean_prob
 
 from unlearnflow import train
 from unlearnflow.config import TrainConfig
-from unlearnflow.data.tokenize import collate, encode_qa
+from unlearnflow.data.tokenize import collate
 from unlearnflow.errors import ConfigError, UnlearnflowError
-from unlearnflow.losses import sequence_nll
 from unlearnflow.methods import build_method
 from unlearnflow.methods import hvp as H
 from unlearnflow.methods.bilevel import OFMU, _twice_differentiable
 from unlearnflow.optim import OptimizerSpec
 
 CPU = torch.device("cpu")
-# The helpers of tests/test_train.py (tests are not a package, so copied rather than imported).
-FORGET = [
-    ("Where was Alda Voss born?", "Alda Voss was born in Kerravin."),
-    ("What genre does Brom Tellan write?", "Brom Tellan writes gothic mystery novels."),
-]
-RETAIN = [
-    ("In which year was Cira Maelor born?", "Cira Maelor was born in 1957."),
-    ("Who wrote The Glass Orchard?", "The Glass Orchard was written by Ivo Stenmark."),
-]
-
-
-def encode(tok, pairs):
-    return [encode_qa(tok, q, a, max_length=64) for q, a in pairs]
-
-
-def mean_prob(model, tok, pairs) -> float:
-    """exp(−avgNLL) averaged over pairs: the TOFU `prob` of these answers."""
-    batch = collate(encode(tok, pairs), tok.pad_token_id)
-    with torch.no_grad():
-        seq, n = sequence_nll(
-            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
-            batch["labels"],
-        )
-    return float(torch.exp(-seq / n).mean())
 
 
 def streams(tok):

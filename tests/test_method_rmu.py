@@ -6,47 +6,25 @@ import copy
 
 import pytest
 import torch
+from helpers import FORGET, RETAIN, encode, mean_prob
 
 from unlearnflow import train
 from unlearnflow.config import TrainConfig
-from unlearnflow.data.tokenize import collate, encode_qa
+from unlearnflow.data.tokenize import collate
 from unlearnflow.errors import ConfigError
-from unlearnflow.losses import sequence_nll
 from unlearnflow.methods import build_method
 from unlearnflow.methods.base import TrainContext
 from unlearnflow.methods.rmu import layer_output
 
 CPU = torch.device("cpu")
-FORGET = [
-    ("Where was Alda Voss born?", "Alda Voss was born in Kerravin."),
-    ("What genre does Brom Tellan write?", "Brom Tellan writes gothic mystery novels."),
-]
-RETAIN = [
-    ("In which year was Cira Maelor born?", "Cira Maelor was born in 1957."),
-    ("Who wrote The Glass Orchard?", "The Glass Orchard was written by Ivo Stenmark."),
-]
 # The fine-tuned tiny model's layer-1 outputs have norm ≈ 3 on answer tokens; c = 8 (≈ 2.7 ‖h‖)
 # puts c·u clearly away from them, in the range WMDP's c / ‖h‖ ratios suggest (see the docs).
 C = 8.0
 RMU_STEPS = 6
 
 
-def encode(tok, pairs):
-    return [encode_qa(tok, q, a, max_length=64) for q, a in pairs]
-
-
 def batch(tok, pairs, token_weight: float = 1.0):
     return collate(encode(tok, pairs), tok.pad_token_id) | {"token_weight": token_weight, "seq_weight": 1.0}
-
-
-def mean_prob(model, tok, pairs) -> float:
-    """exp(−avgNLL) averaged over pairs: the TOFU `prob` of these answers."""
-    b = batch(tok, pairs)
-    with torch.no_grad():
-        seq, n = sequence_nll(
-            model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits, b["labels"]
-        )
-    return float(torch.exp(-seq / n).mean())
 
 
 def streams(tok):

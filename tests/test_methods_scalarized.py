@@ -8,13 +8,13 @@ import copy
 
 import pytest
 import torch
-from helpers import ROOT, load_stage
+from helpers import FORGET, RETAIN, ROOT, encode, load_stage, mean_prob
 from typer.testing import CliRunner
 
 from unlearnflow import train
 from unlearnflow.config import TrainConfig
 from unlearnflow.data.refusals import idk_rows, refusals
-from unlearnflow.data.tokenize import IGNORE_INDEX, collate, encode_qa
+from unlearnflow.data.tokenize import IGNORE_INDEX, collate
 from unlearnflow.errors import UnlearnflowError
 from unlearnflow.losses import (
     ceu_loss,
@@ -25,7 +25,6 @@ from unlearnflow.losses import (
     nll_loss,
     npo_loss,
     satimp_loss,
-    sequence_nll,
     simnpo_loss,
     undial_loss,
     wga_loss,
@@ -34,19 +33,7 @@ from unlearnflow.methods import build_method
 from unlearnflow.methods.base import TrainContext
 
 CPU = torch.device("cpu")
-FORGET = [
-    ("Where was Alda Voss born?", "Alda Voss was born in Kerravin."),
-    ("What genre does Brom Tellan write?", "Brom Tellan writes gothic mystery novels."),
-]
-RETAIN = [
-    ("In which year was Cira Maelor born?", "Cira Maelor was born in 1957."),
-    ("Who wrote The Glass Orchard?", "The Glass Orchard was written by Ivo Stenmark."),
-]
 NEW = ["npo", "simnpo", "idk_dpo", "idk_nll", "undial", "ceu", "wga", "satimp"]
-
-
-def encode(tok, pairs):
-    return [encode_qa(tok, q, a, max_length=64) for q, a in pairs]
 
 
 def idk_pairs(pairs, seed=0):
@@ -60,17 +47,6 @@ def streams(tok, forget=FORGET):
         "retain": encode(tok, RETAIN),
         "idk": encode(tok, idk_pairs(forget)),
     }
-
-
-def mean_prob(model, tok, pairs) -> float:
-    """exp(−avgNLL) averaged over pairs: the TOFU `prob` of these answers."""
-    batch = collate(encode(tok, pairs), tok.pad_token_id)
-    with torch.no_grad():
-        seq, n = sequence_nll(
-            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
-            batch["labels"],
-        )
-    return float(torch.exp(-seq / n).mean())
 
 
 # --- the objective on a fixed micro-batch -------------------------------------------------------
