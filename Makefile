@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup pipeline test lint format bench bench-eval bench-methods clean
+.PHONY: setup pipeline test lint format bench bench-eval bench-methods bench-ofmu clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -44,6 +44,11 @@ bench-eval: setup
 
 bench-methods: setup
 	$(BIN)/python bench/method_step_cost.py
+
+OFMU_VARIANTS = grad_diff,grad_ascent,ofmu,ofmu:outer_hvp=forget_only,ofmu:hvp=finite_diff:fd_scheme=forward,ofmu:hvp=finite_diff:fd_scheme=forward:outer_hvp=forget_only,ofmu:beta=0:outer_hvp=forget_only
+bench-ofmu: setup
+	$(BIN)/python bench/method_step_cost.py --methods $(OFMU_VARIANTS) --steps 6 --warmup 2 --configs embedded \
+		--title "OFMU's step cost by setting" --out docs/ofmu-step-cost.md
 
 clean:
 	rm -rf $(VENV) mlflow.db mlruns

@@ -3,6 +3,9 @@
 Usage: python bench/method_step_cost.py [--out docs/method-step-cost.md] [--steps 8] [--warmup 2]
        [--methods pdu,ofmu,…] [--configs embedded,large]
 
+A method may carry argument overrides, ``name:key=value:key=value`` (values parsed as YAML), e.g.
+``ofmu:hvp=finite_diff:fd_scheme=forward``; ``make bench-ofmu`` compares OFMU's settings that way.
+
 Every method runs the same model and the same batch shapes through the one training loop
 (``train.run``, AdamW, batch 16, prompt 40 + answer 24 tokens, forget/retain/idk streams of random
 tokens), each in its own process so that peak memory is that method's alone:
@@ -46,6 +49,7 @@ def _rss_mib() -> float:
 def worker(method: str, config: str, steps: int, warmup: int, threads: int) -> dict:
     """Run ``warmup + steps`` optimizer steps of ``method`` in this process and measure them."""
     import torch
+    import yaml
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from unlearnflow import train
@@ -74,7 +78,9 @@ def worker(method: str, config: str, steps: int, warmup: int, threads: int) -> d
 
     forget = stream()
     data = {"forget": forget, "retain": stream(), "idk": stream(), "train": forget}
-    algo = build_method(method, {})
+    name, *pairs = method.split(":")
+    overrides = {k: yaml.safe_load(v) for k, v in (pair.split("=", 1) for pair in pairs)}
+    algo = build_method(name, overrides)
     # Batches per epoch = ROWS / BATCH: enough epochs for warmup + timed steps; lr tiny so nothing diverges.
     cfg = TrainConfig(epochs=(steps + warmup) / (ROWS / BATCH), batch_size=BATCH, lr=1e-6, log_every=1)
     before = _rss_mib()
@@ -102,6 +108,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--methods", default=None, help="comma-separated; default: every unlearning method")
     ap.add_argument("--configs", default="embedded,large")
+    ap.add_argument("--title", default="Step cost of every unlearning method")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads per worker")
     ap.add_argument("--worker", nargs=2, metavar=("METHOD", "CONFIG"), help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -145,7 +152,7 @@ def main() -> None:
             results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
             r = results[-1]
             print(
-                f"{config:9s} {method:12s} {r['step_s_median'] * 1e3:8.1f} ms/step "
+                f"{config:9s} {method:40s} {r['step_s_median'] * 1e3:8.1f} ms/step "
                 f"{r['peak_extra_mib']:8.1f} MiB ({time.perf_counter() - start:.0f} s)",
                 flush=True,
             )
@@ -163,9 +170,10 @@ def write(results: list[dict], args: argparse.Namespace) -> None:
         f"threads per worker), Python {platform.python_version()}"
     )
     lines = [
-        "# Step cost of every unlearning method",
+        f"# {args.title}",
         "",
-        "Reproduce: `.venv/bin/python bench/method_step_cost.py` (writes this file and its JSON).",
+        f"Reproduce: `.venv/bin/python {' '.join(['bench/method_step_cost.py', *sys.argv[1:]])}` "
+        "(writes this file and its JSON).",
         f"Machine: {machine}. Batch {BATCH} (forget, retain and idk streams each), prompt {PROMPT} + answer "
         f"{ANSWER} tokens, AdamW, median of {args.steps} optimizer steps after {args.warmup} warm-up steps; "
         "peak memory = the process's peak RSS during training minus its RSS before (optimizer state, "

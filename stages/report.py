@@ -32,11 +32,7 @@ def main(
         attack = load_section(params, "attack", AttackConfig)
         # Only the models of the current matrix: a stale eval/ folder of a removed method is not reported.
         items = [
-            (m, o, s, a)
-            for m in unlearn.methods
-            for o in unlearn.optimizers
-            for s in unlearn.seeds
-            for a in attack.names
+            (p.method, p.optimizer, s, a) for p in unlearn.pairs for s in unlearn.seeds for a in attack.names
         ]
         names = ["target", "oracle"] + [cli.item_name(m, o, s, a) for m, o, s, a in items]
         health = [None, None] + [unlearned / cli.item_name(m, o, s) / "health.json" for m, o, s, _ in items]
@@ -45,7 +41,10 @@ def main(
         groups = spread.group_rows(rows)
         comparisons = spread.compare_groups(groups)
         logged = {
-            "unlearn": {"methods": unlearn.methods, "optimizers": unlearn.optimizers, "seeds": unlearn.seeds},
+            "unlearn": {
+                "pairs": [f"{p.method}-{p.optimizer}" for p in unlearn.pairs],
+                "seeds": unlearn.seeds,
+            },
             "attack": {"names": attack.names},
         }
         upstream = [evals / n / "samples" / "run.json" for n in names]

@@ -12,7 +12,7 @@ from unlearnflow.data import splits as split_io
 from unlearnflow.data.refusals import idk_rows
 from unlearnflow.data.tokenize import PromptFormat, training_examples
 from unlearnflow.io import atomic_dir, write_json, write_jsonl
-from unlearnflow.matrix import item_config
+from unlearnflow.matrix import check_pair, item_config
 from unlearnflow.methods import build_method
 
 app = cli.stage_app(__doc__)
@@ -20,8 +20,8 @@ app = cli.stage_app(__doc__)
 
 @app.command()
 def main(
-    method: str = typer.Argument(..., help="method name (unlearn.methods)"),
-    optimizer: str = typer.Argument(..., help="optimizer name (unlearn.optimizers)"),
+    method: str = typer.Argument(..., help="method name (an unlearn.pairs entry's method)"),
+    optimizer: str = typer.Argument(..., help="optimizer name (an unlearn.pairs entry's optimizer)"),
     model: Path = typer.Option(..., help="target model directory"),
     splits: Path = typer.Option(..., help="directory written by `prepare`"),
     out: Path = typer.Option(..., help="unlearned model directory to write"),
@@ -38,6 +38,7 @@ def main(
         device = modeling.pick_device(load_section(params, "compute", ComputeConfig).device)
         max_mb = load_section(params, "tracking", TrackingConfig).artifact_max_mb
         algo = build_method(method, cfg.method_args.get(method))  # args checked: fails before loading
+        check_pair(cfg, method, optimizer)  # e.g. ofmu × a zeroth-order optimizer: one line, no model loaded
         layout = split_io.read_layout(splits)
         # Each stream reads its split, only those the method trains on. "idk" is no split on disk but
         # the forget questions with refusal answers (data/refusals.py), built here, before anything
@@ -51,7 +52,7 @@ def main(
             streams["idk"] = (refusals, "qa", f"{name} (refusals)")
         logged = {
             "unlearn": cfg.model_dump(
-                exclude={"methods", "optimizers", "seeds", "method_args", "optimizer_args"}
+                exclude={"pairs", "seeds", "method_args", "optimizer_args"}
             ),
             "method": {"name": method, **algo.args.model_dump()},
             "optimizer": {"name": optimizer, **cfg.optimizer_args.get(optimizer, {})},

@@ -247,8 +247,8 @@ def test_check_params_stage(tmp_path):
             "error: unknown key unlearn.optimizer_args.sgd.momentun",
         ),
         (
-            lambda p: p["unlearn"].update(methods=["sft"]),
-            "error: unknown name 'sft' in unlearn.methods",
+            lambda p: p["unlearn"].update(pairs=[{"method": "sft", "optimizer": "adamw"}]),
+            "error: unknown name 'sft' in unlearn.pairs[].method",
         ),
         (
             lambda p: p["unlearn"]["method_args"]["grad_diff"].update(retain_loss="l2"),

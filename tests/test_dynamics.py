@@ -89,7 +89,7 @@ def test_report_stage_adds_methods_table_and_dynamics_figure(tmp_path: Path) -> 
         write_json(tmp_path / "eval" / f"pdu-adamw-s{s}-none" / "metrics.json", metrics)
         _item(tmp_path, f"pdu-adamw-s{s}", lr=2e-4, wall=2.0, rows=_pdu_rows([100, 105, 103]))
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["unlearn"].update(methods=["pdu"], optimizers=["adamw"], seeds=[0, 1])
+    params["unlearn"].update(pairs=[{"method": "pdu", "optimizer": "adamw"}], seeds=[0, 1])
     params["attack"]["names"] = ["none"]
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     args = ["--evals", str(tmp_path / "eval"), "--unlearned", str(tmp_path / "unlearned")]

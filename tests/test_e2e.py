@@ -38,7 +38,12 @@ SHRINK = {
     },
     "finetune": {"epochs": 3, "batch_size": 16, "warmup_steps": 2, "log_every": 1},
     # Two seeds: the seed axis, cheaply. pdu: a method with its own state (λ) and a dynamics figure.
-    "unlearn": {"methods": ["grad_diff", "pdu"], "epochs": 1, "batch_size": 4, "seeds": [0, 1]},
+    "unlearn": {
+        "pairs": [{"method": "grad_diff", "optimizer": "adamw"}, {"method": "pdu", "optimizer": "adamw"}],
+        "epochs": 1,
+        "batch_size": 4,
+        "seeds": [0, 1],
+    },
     "attack": {"names": ["none", "noise"]},
     "evaluate": {"max_new_tokens": 8},
 }
@@ -214,8 +219,9 @@ def test_a_method_override_reruns_that_method_only(repo):
     finally:
         params.write_text(original)
     unlearn = {name for name in stale if name.startswith("unlearn@")}
-    assert unlearn == {"unlearn@pdu-adamw-0", "unlearn@pdu-adamw-1"}, sorted(stale)
-    assert not any("grad_diff" in name for name in stale), sorted(stale)
+    # DVC names items by the pair's index: pdu is pairs[1].
+    assert unlearn == {"unlearn@pair1-0", "unlearn@pair1-1"}, sorted(stale)
+    assert not any(name.startswith(("unlearn@pair0", "attack@pair0", "evaluate@pair0")) for name in stale)
 
 
 def test_exp_run_reruns_only_what_changed(repo):
@@ -224,7 +230,7 @@ def test_exp_run_reruns_only_what_changed(repo):
     assert "Stage 'prepare' didn't change, skipping" in out
     assert "Stage 'finetune@target' didn't change, skipping" in out
     assert "Stage 'evaluate_base@oracle' didn't change, skipping" in out
-    assert "Running stage 'unlearn@pdu-adamw-0'" in out  # DVC names items from the values
+    assert "Running stage 'unlearn@pair1-0'" in out  # pairs[1] = pdu × adamw, seed 0
     text = sh([*dvc, "exp", "show", "--json"], path, env)
     for name in item_names():
         assert f"eval/{name}/metrics.json" in text

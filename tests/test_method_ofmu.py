@@ -88,11 +88,19 @@ def test_exact_hvp_equals_finite_difference_and_the_full_hessian():
     g = H.grads(net_loss(params, x, y), params, create_graph=True)
     exact = flat(H.vjp(g, params, v))
     fd = flat(H.hvp_finite_diff(lambda: H.grads(net_loss(params, x, y), params), params, v, radius=1e-5))
+    base = H.grads(net_loss(params, x, y), params)
+    forward = flat(
+        H.hvp_finite_diff(lambda: H.grads(net_loss(params, x, y), params), params, v, radius=1e-6, base=base)
+    )
     theta = flat(params).detach()
     hessian = torch.autograd.functional.hessian(lambda t: net_loss(unflatten(t), x, y), theta)
     assert hessian.shape == (20, 20)
     torch.testing.assert_close(exact, hessian @ flat(v))
     torch.testing.assert_close(fd, hessian @ flat(v), rtol=1e-6, atol=1e-8)
+    # The forward difference ‖v‖(∇L(θ + r·v̂) − ∇L(θ))/r is off by O(r): ~1e-6 relative at r = 1e-6,
+    # far from the central difference's 1e-10, and far from a wrong product.
+    torch.testing.assert_close(forward, hessian @ flat(v), rtol=1e-4, atol=1e-5)
+    assert float((forward - hessian @ flat(v)).abs().max()) > float((fd - hessian @ flat(v)).abs().max())
     torch.testing.assert_close(flat(params).detach(), theta, rtol=0, atol=0)  # perturbations undone
 
 
@@ -119,11 +127,11 @@ def test_similarity_gradient_from_hvps_equals_autograd_of_the_cosine(kind):
 
 
 @pytest.mark.parametrize("kind", ["cos", "cos2"])
-@pytest.mark.parametrize("mode", ["exact", "finite_diff"])
+@pytest.mark.parametrize("mode", ["exact", "finite_diff", "forward"])
 def test_the_methods_grad_phi_on_the_tiny_llama(kind, mode, tiny_model, tiny_tokenizer):
     """OFMU's ∇Φ = ∇L_f − β·∇sim on the tiny Llama equals the same built by autograd of the
     similarity of two create_graph gradients (β = 0.5 so the term is not negligible). Finite
-    differences in float32 agree to ~1e-3 relative."""
+    differences in float32 (central, or forward from the gradients at θ) agree to ~1e-3 relative."""
     mb = micro_batch(tiny_tokenizer)
     params = params_of(tiny_model)
     with _twice_differentiable():
@@ -144,7 +152,8 @@ def test_the_methods_grad_phi_on_the_tiny_llama(kind, mode, tiny_model, tiny_tok
     c = F.cosine_similarity(flat(g_f), flat(g_r), dim=0)
     dsim = flat(H.grads(c if kind == "cos" else c**2, params))
     expected = flat(H.detach(g_f)) - 0.5 * dsim
-    ev = ofmu(similarity=kind, hvp=mode, beta=0.5)._grad_phi(tiny_model, params, [mb])
+    args = {"hvp": "finite_diff", "fd_scheme": "forward"} if mode == "forward" else {"hvp": mode}
+    ev = ofmu(similarity=kind, beta=0.5, **args)._grad_phi(tiny_model, params, [mb])
     assert ev.forget == pytest.approx(float(lf), rel=1e-5)
     assert ev.retain == pytest.approx(float(lr), rel=1e-5)
     tol = (
@@ -253,6 +262,8 @@ def test_the_outer_hvp_variants(make_tiny_model, tiny_tokenizer):
     exact, fd, only = (direction(beta=1.0, outer_hvp=m) for m in ("exact", "finite_diff", "forget_only"))
     scale = float(exact.abs().max())
     torch.testing.assert_close(fd, exact, rtol=1e-2, atol=1e-2 * scale)
+    forward = direction(beta=1.0, outer_hvp="finite_diff", hvp="finite_diff", fd_scheme="forward")
+    torch.testing.assert_close(forward, exact, rtol=2e-2, atol=2e-2 * scale)
     assert float((only - exact).abs().max()) > 0.05 * scale
     torch.testing.assert_close(
         direction(beta=0.0, outer_hvp="forget_only"),
@@ -260,6 +271,29 @@ def test_the_outer_hvp_variants(make_tiny_model, tiny_tokenizer):
         rtol=1e-4,
         atol=1e-6 * scale,
     )
+
+
+@pytest.mark.parametrize(
+    ("args", "forwards"),
+    [
+        ({"hvp": "finite_diff"}, 2 * 6 + 2 * 6),  # 2 ∇Φ of 6 passes, outer: 2 more ∇Φ
+        ({"hvp": "finite_diff", "fd_scheme": "forward"}, 2 * 4 + 4),  # 4 passes per ∇Φ, one more ∇Φ
+        ({"hvp": "finite_diff", "fd_scheme": "forward", "outer_hvp": "forget_only"}, 2 * 4 + 1),
+        ({"hvp": "exact", "outer_hvp": "forget_only"}, 2 * 2),  # one forward per stream, graph reused
+    ],
+)
+def test_passes_per_round(args, forwards, tiny_model, tiny_tokenizer):
+    """The model forwards a round (T = 1, β > 0) makes: the cost model of the docstring, counted.
+    A ∇Φ by central differences is g_f, g_r and two perturbed gradients per stream (6 passes), by
+    forward differences g_f, g_r and one per stream (4); forget_only adds one forget gradient, or
+    nothing when the exact graph of θ' is reused."""
+    calls = []
+    handle = tiny_model.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        ofmu(**args).compute_gradients(tiny_model, [micro_batch(tiny_tokenizer)])
+    finally:
+        handle.remove()
+    assert len(calls) == forwards
 
 
 def test_micro_batches_are_one_token_mean(make_tiny_model, tiny_tokenizer):

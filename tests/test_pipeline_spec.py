@@ -55,7 +55,7 @@ READS = {
         (
             "unlearn",
             UnlearnConfig,
-            {"methods", "optimizers", "seeds", "seed", "method_args", "optimizer_args"},
+            {"pairs", "seeds", "seed", "method_args", "optimizer_args"},
         ),
         ("model", ModelConfig, {"base", "target", "oracle", "scratch"}),
         ("compute", ComputeConfig, set()),
@@ -86,7 +86,7 @@ def test_seed_axis_is_a_matrix_item_on_the_command_line(stage):
     assert body["matrix"]["seed"] == "${unlearn.seeds}"
     assert "--seed ${item.seed}" in body["cmd"]
     outs = [o if isinstance(o, str) else next(iter(o)) for o in [*body["outs"], *body.get("metrics", [])]]
-    assert outs and all("${item.method}-${item.optimizer}-s${item.seed}" in o for o in outs), outs
+    assert outs and all("${item.pair.method}-${item.pair.optimizer}-s${item.seed}" in o for o in outs), outs
     assert not any(p.startswith("unlearn.seed") for p in stage_params(stage))
 
 
@@ -108,8 +108,8 @@ def test_unlearn_seed_is_a_list_of_distinct_seeds():
 
 
 def test_matrix_items_declare_their_own_args():
-    assert "unlearn.method_args.${item.method}" in stage_params("unlearn")
-    assert "unlearn.optimizer_args.${item.optimizer}" in stage_params("unlearn")
+    assert "unlearn.method_args.${item.pair.method}" in stage_params("unlearn")
+    assert "unlearn.optimizer_args.${item.pair.optimizer}" in stage_params("unlearn")
     assert "attack.${item.attack}" in stage_params("attack")
 
 

@@ -166,7 +166,7 @@ def test_malformed_input_is_one_line_naming_the_file(
 
 def _params(tmp_path: Path, seeds: list[int]) -> Path:
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["unlearn"].update(methods=["npo"], optimizers=["adamw"], seeds=seeds)
+    params["unlearn"].update(pairs=[{"method": "npo", "optimizer": "adamw"}], seeds=seeds)
     params["attack"]["names"] = ["none"]
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(params))

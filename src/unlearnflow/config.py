@@ -7,6 +7,7 @@ key, the value and what is allowed.
 
 from __future__ import annotations
 
+import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -205,16 +206,30 @@ class FinetuneConfig(TrainConfig):
     warmup_steps: Annotated[int, Field(ge=0)] = 20
 
 
+class Pair(Section):
+    """One method × optimizer item of the unlearn matrix (each runs once per seed)."""
+
+    method: str
+    optimizer: str
+
+
 class UnlearnConfig(TrainConfig):
-    """``methods`` × ``optimizers`` × ``seeds`` span the unlearn matrix of dvc.yaml.
+    """``pairs`` × ``seeds`` span the unlearn matrix of dvc.yaml.
+
+    ``pairs`` lists the method × optimizer items to run, so a study never holds a pairing that cannot
+    run (OFMU's Hessian-vector products under a gradient-free optimizer); ``python -m
+    unlearnflow.matrix`` prints the pairs of a product with exclusions.
 
     ``seed`` (from ``TrainConfig``) is not a params key here: each seed of ``seeds`` is its own matrix
     item and reaches the stage on its command line (``with_seed``), so that adding a seed runs one
     new item instead of rerunning every item that would otherwise depend on the whole list.
     """
 
-    methods: list[str] = ["grad_ascent", "grad_diff"]
-    optimizers: list[str] = ["adamw"]
+    pairs: list[Pair] = Field(
+        [Pair(method="grad_diff", optimizer="adamw")],
+        min_length=1,
+        description="the method × optimizer items, each {method: <name>, optimizer: <name>}",
+    )
     seeds: list[int] = Field(
         [0, 1, 2], min_length=1, description="one unlearn item per seed (torch seed and data order)"
     )
@@ -231,7 +246,31 @@ class UnlearnConfig(TrainConfig):
     def _no_single_seed(cls, raw: Any) -> Any:
         if isinstance(raw, dict) and "seed" in raw:
             raise ValueError("unlearn.seed is replaced by unlearn.seeds: a list, one matrix item per seed")
+        if isinstance(raw, dict) and ({"methods", "optimizers"} & set(raw)):
+            raise ValueError(
+                "unlearn.methods / unlearn.optimizers are replaced by unlearn.pairs: a list of "
+                "{method: <name>, optimizer: <name>} (python -m unlearnflow.matrix prints a product)"
+            )
         return raw
+
+    @field_validator("pairs")
+    @classmethod
+    def _distinct_pairs(cls, v: list[Pair]) -> list[Pair]:
+        seen = [(p.method, p.optimizer) for p in v]
+        dup = next((x for i, x in enumerate(seen) if x in seen[:i]), None)
+        if dup is not None:
+            raise ValueError(f"pair {{method: {dup[0]}, optimizer: {dup[1]}}} is listed twice")
+        return v
+
+    @property
+    def methods(self) -> list[str]:
+        """The distinct methods of ``pairs``, in order."""
+        return list(dict.fromkeys(p.method for p in self.pairs))
+
+    @property
+    def optimizers(self) -> list[str]:
+        """The distinct optimizers of ``pairs``, in order."""
+        return list(dict.fromkeys(p.optimizer for p in self.pairs))
 
     @field_validator("seeds")
     @classmethod
@@ -431,8 +470,12 @@ def _one_line(exc: ValidationError, section: str, cls: type[Section]) -> str:
 def _fields_at(cls: type[Section], path: list[str]) -> list[str]:
     """Field names of the nested section at ``path`` (for the 'allowed keys' list)."""
     for part in path:
+        if part.isdigit():  # an index into a list of sections (unlearn.pairs.0.method)
+            continue
         field = cls.model_fields.get(part)
         sub = field.annotation if field else None
+        if typing.get_origin(sub) is list:
+            sub = typing.get_args(sub)[0]
         if not (isinstance(sub, type) and issubclass(sub, Section)):
             return []
         cls = sub

@@ -1,10 +1,13 @@
 """The one training loop: finetune, unlearn and (later) the relearn attack all run through ``run``.
 
 It reads top to bottom: data loaders per stream → accelerator → optimizer and schedule → for each
-optimizer step, fetch the step's micro-batches, build a closure over them, ``optimizer.step(closure)``.
-The closure is the seam between the two axes of the matrix: the method defines what the closure
-computes, the optimizer decides how often and at which weights to call it (once with backward for
-first-order optimizers, under ``no_grad`` at perturbed weights for zeroth-order ones).
+optimizer step, fetch the step's micro-batches, build a closure over them, and let the optimizer
+take its step. The closure is the seam between the two axes of the matrix (``optim/seam.py``): the
+method defines what the closure computes, the optimizer decides how often and at which weights to
+call it (once with backward for first-order optimizers, several times for randomized smoothing,
+under ``no_grad`` at perturbed weights for zeroth-order ones). Gradients are clipped once per step,
+on the gradient the optimizer uses, and first-order updates go through accelerate's optimizer
+wrapper without the closure (so fp16 loss scaling and sharded wrappers see a plain ``step()``).
 """
 
 from __future__ import annotations
@@ -26,7 +29,8 @@ from unlearnflow.data.tokenize import IGNORE_INDEX, collate
 from unlearnflow.errors import ConfigError, UnlearnflowError
 from unlearnflow.methods import Method
 from unlearnflow.methods.base import TrainContext
-from unlearnflow.optim import build_optimizer
+from unlearnflow.optim import build_optimizer, check_pairing
+from unlearnflow.optim.seam import BuildContext, build_gradient, is_zeroth_order_step
 
 log = logging.getLogger(__name__)
 
@@ -170,6 +174,12 @@ def _all_reduce_mean(accelerator: Any, value: float) -> float:
     return float(accelerator.reduce(t, reduction="mean"))
 
 
+def _all_reduce_tensor(accelerator: Any, t: torch.Tensor) -> torch.Tensor:
+    if accelerator.num_processes == 1:
+        return t
+    return accelerator.reduce(t.to(accelerator.device), reduction="mean")
+
+
 def _one_pass(
     examples: Sequence[dict[str, list[int]]], batch_size: int, pad_id: int, device: torch.device
 ) -> Iterator[dict[str, Any]]:
@@ -179,6 +189,104 @@ def _one_pass(
             "token_weight": 1.0,
             "seq_weight": 1.0,
         }
+
+
+class _StepClosure:
+    """The method's objective on one step's micro-batches (the ``StepClosure`` of ``optim/seam.py``).
+
+    Each call is one evaluation at the current weights; its loss and statistics are recorded so that
+    the step logs their mean over however many calls the optimizer made.
+    """
+
+    def __init__(
+        self,
+        *,
+        step: int,
+        seed: int,
+        micro: list[dict[str, Any]],
+        model: torch.nn.Module,
+        method: Method,
+        accelerator: Any,
+    ) -> None:
+        self.step, self._seed, self._micro = step, seed, micro
+        self._model, self._method, self._acc = model, method, accelerator
+        self.losses: list[float] = []
+        self.stats: list[dict[str, float]] = []
+        self.extra: dict[str, float] = {}
+
+    def _zero_grad(self) -> None:
+        for p in self._model.parameters():
+            p.grad = None
+
+    def __call__(self) -> torch.Tensor:
+        grad = torch.is_grad_enabled()
+        if grad:  # each call's gradient is its own: a second call does not add to the first
+            self._zero_grad()
+        micro, method, acc = self._micro, self._method, self._acc
+        total = torch.zeros((), device=acc.device)
+        stats: dict[str, float] = {}
+        if getattr(method, "owns_backward", False):  # the method leaves its direction in .grad (OFMU)
+            total, stats = method.compute_gradients(self._model, micro)  # type: ignore[attr-defined]
+            total = total.detach()
+        else:
+            for i, mb in enumerate(micro):
+                # Skip the gradient all-reduce on every micro-batch but the last (DDP).
+                sync = (
+                    contextlib.nullcontext()
+                    if (not grad or i == len(micro) - 1)
+                    else acc.no_sync(self._model)
+                )
+                with sync:
+                    loss, st = method.loss(self._model, mb)
+                    loss = loss / len(micro)
+                    if grad:
+                        acc.backward(loss)
+                total += loss.detach()
+                for k, v in st.items():
+                    stats[k] = stats.get(k, 0.0) + v / len(micro)
+        self.losses.append(float(total))
+        self.stats.append(stats)
+        return total
+
+    def sampled_backward(self) -> int:
+        """Gauss-Newton-Bartlett probe (Sophia, Liu et al. 2023, Alg. 2): ``.grad`` ← ∇ of the mean
+        token cross-entropy of the step's inputs against labels drawn from the model's own softmax
+        at the scored positions (every stream's answer tokens). Plain ``backward`` (no loss
+        scaling): the estimate is squared, and DDP averages it across processes like any gradient."""
+        self._zero_grad()
+        gen = torch.Generator(device=self._acc.device).manual_seed(self._seed * 1_000_003 + self.step)
+        parts: list[tuple[torch.Tensor, torch.Tensor]] = []
+        with torch.enable_grad():
+            for mb in self._micro:
+                for sub in mb.values():
+                    logits = self._model(
+                        input_ids=sub["input_ids"], attention_mask=sub["attention_mask"]
+                    ).logits
+                    scored = sub["labels"][:, 1:] != IGNORE_INDEX
+                    picked = logits[:, :-1][scored]
+                    with torch.no_grad():
+                        drawn = torch.multinomial(torch.softmax(picked.float(), -1), 1, generator=gen)[:, 0]
+                    parts.append((picked, drawn))
+            tokens = sum(len(d) for _, d in parts)
+            if tokens == 0:
+                return 0
+            loss = (
+                sum(torch.nn.functional.cross_entropy(x.float(), y, reduction="sum") for x, y in parts)
+                / tokens
+            )
+            loss.backward()
+        if self._acc.num_processes > 1:
+            # DDP averages the per-process means: the estimator's B is every process's tokens together.
+            total = torch.tensor([float(tokens)], dtype=torch.float64, device=self._acc.device)
+            tokens = round(float(self._acc.reduce(total, reduction="sum")))
+        return tokens
+
+    def report(self, **stats: float) -> None:
+        self.extra.update(stats)
+
+    def mean_stats(self) -> dict[str, float]:
+        keys = dict.fromkeys(k for st in self.stats for k in st)
+        return {k: sum(st.get(k, 0.0) for st in self.stats) / len(self.stats) for k in keys}
 
 
 def _vocab_size(model: torch.nn.Module) -> int | None:
@@ -257,6 +365,7 @@ def run(
         all_reduce_mean=lambda x: _all_reduce_mean(accelerator, x),
         batches=lambda stream: _one_pass(data[stream], cfg.batch_size, pad_token_id, accelerator.device),
     )
+    check_pairing(type(method).__name__, optimizer, needs_grad=method.needs_grad)
     # Before the optimizer is built: a method may freeze parameters (RMU trains chosen layers only).
     method.setup(model, ctx)
     opt, spec = build_optimizer(
@@ -266,6 +375,12 @@ def run(
         weight_decay=cfg.weight_decay,
         args=optimizer_args,
         key=optimizer_key,
+        ctx=BuildContext(
+            model=model,
+            seed=cfg.seed,
+            all_reduce_mean=lambda t: _all_reduce_tensor(accelerator, t),
+            total_steps=total,
+        ),
     )
     if method.needs_grad and not spec.requires_grad:
         raise ConfigError(
@@ -273,13 +388,15 @@ def run(
         )
 
     model, opt, *loaders = accelerator.prepare(model, opt, *loaders)
+    # The closure goes to the optimizer itself, never through accelerate's wrapper (see seam.py).
+    raw_opt = getattr(opt, "optimizer", opt)
     streams = [_cycle(dl) for dl in loaders]
+    # On the raw optimizer: a zeroth-order step calls its step() directly, which the scheduler counts.
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: lr_factor(s, warmup=cfg.warmup_steps, total=total, schedule=cfg.schedule)
+        raw_opt, lambda s: lr_factor(s, warmup=cfg.warmup_steps, total=total, schedule=cfg.schedule)
     )
 
     result = TrainResult(steps=0)
-    owns_backward = bool(getattr(method, "owns_backward", False))
     trace: list[dict[str, float]] = []
     start = time.perf_counter()
     model.train()
@@ -300,50 +417,34 @@ def run(
                 mean = max(1.0, sum(counts) / len(counts))
                 for mb, c in zip(micro, counts, strict=True):
                     mb[s][key] = c / mean
-        last: dict[str, Any] = {}
-
-        def closure(micro: list[dict[str, Any]] = micro, last: dict[str, Any] = last) -> torch.Tensor:
-            grad = torch.is_grad_enabled()
-            total_loss = torch.zeros((), device=accelerator.device)
-            stats: dict[str, float] = {}
-            if owns_backward:  # the method leaves its descent direction in .grad itself (OFMU)
-                total_loss, stats = method.compute_gradients(model, micro)  # type: ignore[attr-defined]
-                total_loss = total_loss.detach()
-            for i, mb in enumerate(micro if not owns_backward else ()):
-                # Skip the gradient all-reduce on every micro-batch but the last (DDP).
-                sync = (
-                    contextlib.nullcontext()
-                    if (not grad or i == len(micro) - 1)
-                    else accelerator.no_sync(model)
-                )
-                with sync:
-                    loss, st = method.loss(model, mb)
-                    loss = loss / len(micro)
-                    if grad:
-                        accelerator.backward(loss)
-                total_loss += loss.detach()
-                for k, v in st.items():
-                    stats[k] = stats.get(k, 0.0) + v / len(micro)
-            if grad:
-                # Without clipping, a max norm of inf still returns the norm (the health checks need
-                # it every step) and scales the gradients by exactly min(1, inf) = 1.
-                max_norm = math.inf if cfg.max_grad_norm is None else cfg.max_grad_norm
-                last["grad_norm"] = float(accelerator.clip_grad_norm_(model.parameters(), max_norm))
-            last["stats"], last["loss"] = stats, float(total_loss)
-            return total_loss
-
+        closure = _StepClosure(
+            step=step, seed=cfg.seed, micro=micro, model=model, method=method, accelerator=accelerator
+        )
+        grad_norm: float | None = None
+        if is_zeroth_order_step(raw_opt, step):
+            with torch.no_grad():  # evaluations at perturbed weights; the optimizer updates in place
+                raw_opt.step(closure)
+        else:
+            build_gradient(raw_opt, closure)
+            # Once per step, on the gradient the update uses. Without clipping, a max norm of inf
+            # still returns the norm (the health checks need it) and scales by exactly 1.
+            max_norm = math.inf if cfg.max_grad_norm is None else cfg.max_grad_norm
+            grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), max_norm))
+            opt.step()
         opt.zero_grad(set_to_none=True)
-        # accelerate's optimizer wrapper drops the closure's return value: read it from ``last``.
-        opt.step(closure)
-        loss = last["loss"]
+        if not closure.losses:
+            raise UnlearnflowError(f"{desc}: optimizer {optimizer!r} took a step without evaluating the loss")
+        # The mean over the step's evaluations: for a ZO step, the loss at θ (±μu average).
+        loss = sum(closure.losses) / len(closure.losses)
+        stats = closure.mean_stats()
         sched.step()
         result.steps = step + 1
 
         if not math.isfinite(loss):
             raise UnlearnflowError(f"{desc}: loss became {loss} at step {step + 1}; lower the learning rate")
-        row = {"loss": loss, **last.get("stats", {}), **method.after_step(last.get("stats", {}))}
-        if "grad_norm" in last:
-            row["grad_norm"] = last["grad_norm"]
+        row = {"loss": loss, **stats, **method.after_step(stats), **closure.extra}
+        if grad_norm is not None:
+            row["grad_norm"] = grad_norm
         trace.append({k: row[k] for k in ("grad_norm", *DESCENT_STATS) if k in row})
         if "forget_nll" in row:  # every unlearning method logs its forget batch's per-token NLL
             trace[-1]["forget_nll"] = row["forget_nll"]

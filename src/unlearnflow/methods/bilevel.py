@@ -25,16 +25,21 @@ streams them one at a time and holds no graph. On top, about 8 parameter-sized v
 g_r, a, b, ∇Φ, the HVP, the direction) are alive at once.
 
 Cost per optimizer step (a GradDiff step is one forward and one backward of the forget and the
-retain batch): each ∇Φ evaluation is, per stream, one forward, one backward with ``create_graph``
-and a share of one double backward through both graphs (``hvp: exact``), or three forward/backward
-pairs (``finite_diff``). A round evaluates ∇Φ T + 1 times (θ_0 … θ_T) plus the outer HVP:
-``forget_only`` one more double backward of the forget graph, ``finite_diff`` two more ∇Φ,
-``exact`` a third-order backward. Measured (median of 5, CPU, ratio to a GradDiff step): tiny
-model 8.6× with the defaults, 5.8× with ``forget_only``, 14.7× with T = 5 (forget_only), 3.3×
-with β = 0; on the embedded model the double backward through attention and the vocabulary
-softmax weighs more (defaults ≈ 13×, 7.6× with ``forget_only``, 2.7× with β = 0 and
-``forget_only``; median of 3 on a loaded machine). The paper's 2.85-4.22× a gradient-ascent step is
-not reached with exact curvature; docs/method-step-cost.md has the benchmark (``make bench-methods``).
+retain batch, "2 passes"). A round evaluates ∇Φ at θ_0 … θ_T (T + 1 times) plus the outer product
+∇²Φ·∇Φ. One ∇Φ is g_f, g_r and the similarity's curvature H_f·a + H_r·b: with ``hvp: exact`` two
+graph-building backwards and a double backward through both graphs (≈ 3-4 GradDiff steps on the
+embedded model: the double backward through attention and the vocabulary softmax is dear), with
+``hvp: finite_diff`` two more gradients per stream (``fd_scheme: central``) or one (``forward``,
+reusing g_f and g_r). The outer product costs two more ∇Φ (``outer_hvp: finite_diff``, central), one
+(forward), a third-order backward (``exact``) or one forget gradient / one double backward
+(``forget_only``). So a faithful round with T = 1 needs at least 8 passes plus the outer product,
+against GradDiff's 2: the issue's goal of ≤ 3× a GradDiff step (the paper: 2.85-4.22× a
+gradient-ascent step) is not reachable without dropping terms. Measured (docs/ofmu-step-cost.md,
+``make bench-ofmu``, embedded model, × GradDiff): the defaults 10.5×, ``outer_hvp: forget_only``
+6.0×, ``hvp: finite_diff`` + ``fd_scheme: forward`` 5.6× at GradDiff's memory (no graph is kept),
+both together 3.2×, β = 0 with ``forget_only`` 2.9× (no similarity: not OFMU). The defaults stay
+exact because the finite-difference settings change the trajectory measurably in float32 (forget
+prob 0.96 vs 0.91 after the default 30 rounds, seed 0): they are the choice for a large model.
 
 Single process only: the gradients are taken with ``torch.autograd.grad``, which DDP's gradient
 all-reduce never sees, so ``setup`` refuses a multi-process run rather than let ranks drift apart.
@@ -102,8 +107,14 @@ class OFMUArgs(MethodArgs):
     )
     outer_hvp: Literal["finite_diff", "exact", "forget_only"] = Field(
         "finite_diff",
-        description="∇²Φ·∇Φ of the penalty: finite_diff (two more ∇Φ), exact (third-order backward, "
-        "needs hvp: exact), forget_only (H_f·∇Φ, drops the similarity's curvature: a deviation)",
+        description="∇²Φ·∇Φ of the penalty: finite_diff (one or two more ∇Φ, see fd_scheme), exact "
+        "(third-order backward, needs hvp: exact), forget_only (H_f·∇Φ, drops the similarity's "
+        "curvature: a deviation)",
+    )
+    fd_scheme: Literal["central", "forward"] = Field(
+        "central",
+        description="finite differences (hvp and outer_hvp finite_diff): central (two gradients, "
+        "error O(r²)) or forward (one, reusing the gradient at θ; error O(r))",
     )
     outer_from: Literal["inner", "start"] = Field(
         "inner", description="the optimizer steps from θ' (inner) or from θ with θ''s direction (start)"
@@ -215,19 +226,25 @@ class OFMU:
             def forget_grad() -> H.Vec:
                 return self._stream_grad(model, params, micro, "forget")[2]
 
+            forward = a.fd_scheme == "forward"
             h = [torch.zeros_like(p) for p in params]
             if a.beta > 0:
-                hf = H.hvp_finite_diff(forget_grad, params, ca, radius=a.fd_radius)
+                hf = H.hvp_finite_diff(
+                    forget_grad, params, ca, radius=a.fd_radius, base=g_f if forward else None
+                )
                 hr = H.hvp_finite_diff(
                     lambda: self._stream_grad(model, params, micro, "retain")[2],
                     params,
                     cb,
                     radius=a.fd_radius,
+                    base=g_r if forward else None,
                 )
                 h = [x + y for x, y in zip(hf, hr, strict=True)]
             ev = PhiEval(lf, lr, nll, sim, [g - a.beta * x for g, x in zip(g_f, h, strict=True)], g_r)
             if outer and a.outer_hvp == "forget_only":
-                ev.outer_hvp = lambda v: H.hvp_finite_diff(forget_grad, params, v, radius=a.fd_radius)
+                ev.outer_hvp = lambda v: H.hvp_finite_diff(
+                    forget_grad, params, v, radius=a.fd_radius, base=g_f if forward else None
+                )
             return ev
 
         with _twice_differentiable():
@@ -285,7 +302,11 @@ class OFMU:
         if rho > 0:
             if a.outer_hvp == "finite_diff":
                 u = H.hvp_finite_diff(
-                    lambda: self._grad_phi(model, params, micro).grad_phi, params, v, radius=a.fd_radius
+                    lambda: self._grad_phi(model, params, micro).grad_phi,
+                    params,
+                    v,
+                    radius=a.fd_radius,
+                    base=v if a.fd_scheme == "forward" else None,
                 )
             else:
                 assert end.outer_hvp is not None, "kept by _grad_phi(outer=True)"

@@ -102,9 +102,17 @@ def shifted(params: Sequence[Tensor], direction: Sequence[Tensor], step: float) 
 
 
 def hvp_finite_diff(
-    grad_fn: Callable[[], Sequence[Tensor]], params: Sequence[Tensor], v: Sequence[Tensor], *, radius: float
+    grad_fn: Callable[[], Sequence[Tensor]],
+    params: Sequence[Tensor],
+    v: Sequence[Tensor],
+    *,
+    radius: float,
+    base: Sequence[Tensor] | None = None,
 ) -> Vec:
     """H·v ≈ ‖v‖·(∇L(θ + r·v̂) − ∇L(θ − r·v̂)) / 2r, v̂ = v/‖v‖ (central difference, error O(r²)).
+
+    With ``base`` = ∇L(θ) already at hand, the forward difference ‖v‖·(∇L(θ + r·v̂) − ∇L(θ)) / r
+    instead: one gradient evaluation rather than two, error O(r) (the curvature's change over r).
 
     **[choice]** ALGORITHMS.md writes (∇L(θ+rv) − ∇L(θ−rv))/2r; here r is the step along the *unit*
     direction and the result is rescaled by ‖v‖, which is the same quantity but makes ``radius``
@@ -116,6 +124,7 @@ def hvp_finite_diff(
         params: the parameters, perturbed in place and restored exactly.
         v: the vector (parameter-shaped).
         radius: r > 0.
+        base: ∇L at the unperturbed parameters, for the forward difference.
 
     Returns:
         The parameter-shaped product; zeros when v = 0.
@@ -126,6 +135,8 @@ def hvp_finite_diff(
     unit = [t / size for t in v]
     with shifted(params, unit, radius):
         plus = [g.detach() for g in grad_fn()]
+    if base is not None:
+        return [(a - b) * (size / radius) for a, b in zip(plus, base, strict=True)]
     with shifted(params, unit, -radius):
         minus = [g.detach() for g in grad_fn()]
     return [(a - b) * (size / (2.0 * radius)) for a, b in zip(plus, minus, strict=True)]

@@ -1,10 +1,12 @@
 """Optimizers, looked up by the names used in params.yaml (ALGORITHMS.md §3).
 
-Every optimizer is a ``torch.optim.Optimizer`` driven through ``optimizer.step(closure)``: the
-closure evaluates the method's objective on the current batch, with backward when gradients are
-enabled. First-order optimizers call it once under ``enable_grad``; zeroth-order ones (later) call
-it under ``no_grad`` at perturbed weights. ``requires_grad`` says which kind an optimizer is, so the
-loop can refuse a pairing that cannot work (a method that owns its backward with a ZO optimizer).
+Every optimizer is a ``torch.optim.Optimizer``; how the training loop drives one step of it (one
+closure call with backward, several, or gradient-free evaluations at perturbed weights) is the
+contract in ``seam.py``. Grades: first order (adamw, sgd), compressed first order (signsgd,
+signadam, nbit: ``first_order.py``), second order (sophia), zeroth order (zo_sgd, zo_adam,
+zo_radazo: ``zeroth_order.py``), hybrid and smoothed first order (fo_zo, fo_rs: ``hybrid.py``).
+``OptimizerSpec.zeroth_order`` marks optimizers with gradient-free steps, so that a method that
+needs gradients (OFMU's Hessian-vector products) is refused with them before any model is loaded.
 """
 
 from __future__ import annotations
@@ -17,16 +19,24 @@ import torch
 from pydantic import Field
 
 from unlearnflow.config import Section, parse_section
+from unlearnflow.errors import ConfigError
+from unlearnflow.optim.seam import BuildContext
 from unlearnflow.registry import Registry
 
 
 @dataclass(frozen=True)
 class OptimizerSpec:
-    """A registered optimizer: its argument schema, its factory and whether it uses gradients."""
+    """A registered optimizer: its argument schema and its factory.
+
+    ``factory(param_groups, *, lr, weight_decay, args, ctx)`` builds it (``ctx``: ``BuildContext``).
+    ``zeroth_order``: some or all of its steps evaluate the objective without gradients.
+    ``requires_grad``: some of its steps use first-order gradients.
+    """
 
     Args: type[Section]
     factory: Callable[..., torch.optim.Optimizer]
     requires_grad: bool = True
+    zeroth_order: bool = False
 
 
 OPTIMIZERS: Registry[OptimizerSpec] = Registry("optimizer")
@@ -59,12 +69,14 @@ class SGDArgs(OptimizerArgs):
 
 
 def _adamw(
-    params: Iterable[Any], *, lr: float, weight_decay: float, args: AdamWArgs
+    params: Iterable[Any], *, lr: float, weight_decay: float, args: AdamWArgs, ctx: BuildContext
 ) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=args.betas, eps=args.eps)
 
 
-def _sgd(params: Iterable[Any], *, lr: float, weight_decay: float, args: SGDArgs) -> torch.optim.Optimizer:
+def _sgd(
+    params: Iterable[Any], *, lr: float, weight_decay: float, args: SGDArgs, ctx: BuildContext
+) -> torch.optim.Optimizer:
     return torch.optim.SGD(
         params, lr=lr, weight_decay=weight_decay, momentum=args.momentum, nesterov=args.nesterov
     )
@@ -99,9 +111,29 @@ def build_optimizer(
     weight_decay: float,
     args: Mapping[str, Any] | None = None,
     key: str = "unlearn.optimizer_args",
+    ctx: BuildContext | None = None,
 ) -> tuple[torch.optim.Optimizer, OptimizerSpec]:
     """Build optimizer ``name`` over ``model``'s trainable parameters, its args validated."""
     spec, parsed = parse_optimizer_args(name, args, key=key)
+    ctx = ctx if ctx is not None else BuildContext(model=model)
     return spec.factory(
-        param_groups(model, weight_decay), lr=lr, weight_decay=weight_decay, args=parsed
+        param_groups(model, weight_decay), lr=lr, weight_decay=weight_decay, args=parsed, ctx=ctx
     ), spec
+
+
+def check_pairing(method: str, optimizer: str, *, needs_grad: bool) -> None:
+    """Refuse a method × optimizer pairing that cannot be defined, in one line naming both.
+
+    A method that needs gradients of its own objective (OFMU: Hessian-vector products, a gradient
+    similarity) cannot run where the optimizer evaluates it without gradients.
+    """
+    spec = OPTIMIZERS.get(optimizer)
+    if needs_grad and spec.zeroth_order:
+        raise ConfigError(
+            f"method {method!r} cannot pair with optimizer {optimizer!r}: the method needs gradients "
+            "(Hessian-vector products) and the optimizer evaluates it without them"
+        )
+
+
+# The grades beyond torch's own register themselves on import.
+from unlearnflow.optim import first_order, hybrid, zeroth_order  # noqa: E402, F401
