@@ -51,9 +51,7 @@ def main(
             refusals = idk_rows(forget, kind, seed=cfg.seed, method=method, split=name)
             streams["idk"] = (refusals, "qa", f"{name} (refusals)")
         logged = {
-            "unlearn": cfg.model_dump(
-                exclude={"pairs", "seeds", "method_args", "optimizer_args"}
-            ),
+            "unlearn": cfg.model_dump(exclude={"pairs", "seeds", "method_args", "optimizer_args"}),
             "method": {"name": method, **algo.args.model_dump()},
             "optimizer": {"name": optimizer, **cfg.optimizer_args.get(optimizer, {})},
             "schedule_from": schedule_from,  # which params key set this item's lr and epochs

@@ -39,7 +39,14 @@ SHRINK = {
     "finetune": {"epochs": 3, "batch_size": 16, "warmup_steps": 2, "log_every": 1},
     # Two seeds: the seed axis, cheaply. pdu: a method with its own state (λ) and a dynamics figure.
     "unlearn": {
-        "pairs": [{"method": "grad_diff", "optimizer": "adamw"}, {"method": "pdu", "optimizer": "adamw"}],
+        # pdu: a method with its own state (λ) and a dynamics figure; zo_adam: a gradient-free
+        # optimizer through every stage (its own epochs, cut to 1 here).
+        "pairs": [
+            {"method": "grad_diff", "optimizer": "adamw"},
+            {"method": "pdu", "optimizer": "adamw"},
+            {"method": "grad_diff", "optimizer": "zo_adam"},
+        ],
+        "optimizer_args": {"zo_adam": {"epochs": 1}},
         "epochs": 1,
         "batch_size": 4,
         "seeds": [0, 1],
@@ -47,7 +54,7 @@ SHRINK = {
     "attack": {"names": ["none", "noise"]},
     "evaluate": {"max_new_tokens": 8},
 }
-METHODS = ("grad_diff", "pdu")
+PAIRS = (("grad_diff", "adamw"), ("pdu", "adamw"), ("grad_diff", "zo_adam"))
 SEEDS = (0, 1)
 ATTACKS = ("none", "noise")
 MIA_AUCS = ("mia_loss", "mia_zlib", "mia_min_k", "mia_min_k_pp", "mia_grad_norm", "mia_reference")
@@ -105,7 +112,7 @@ def repo(tmp_path_factory):
 
 
 def unlearn_names() -> list[str]:
-    return [f"{m}-adamw-s{s}" for m in METHODS for s in SEEDS]
+    return [f"{m}-{o}-s{s}" for m, o in PAIRS for s in SEEDS]
 
 
 def item_names() -> list[str]:
@@ -118,10 +125,10 @@ def test_repro_writes_the_report(repo):
     rows = summary["runs"]
     assert [r["model"] for r in rows[:2]] == ["target", "oracle"]
     unlearned = [(r["method"], r["optimizer"], r["attack"], r["seed"]) for r in rows[2:]]
-    assert sorted(unlearned) == sorted((m, "adamw", a, s) for m in METHODS for a in ATTACKS for s in SEEDS)
+    assert sorted(unlearned) == sorted((m, o, a, s) for m, o in PAIRS for a in ATTACKS for s in SEEDS)
     groups = summary["groups"][2:]
-    assert {(g["method"], g["attack"], g["n"]) for g in groups} == {
-        (m, a, 2) for m in METHODS for a in ATTACKS
+    assert {(g["method"], g["optimizer"], g["attack"], g["n"]) for g in groups} == {
+        (m, o, a, 2) for m, o in PAIRS for a in ATTACKS
     }
     assert all(g["health_recorded"] == 2 for g in groups)  # every unlearn item wrote health.json
     for row in rows:
@@ -195,7 +202,7 @@ def test_mlflow_has_a_finished_run_per_stage_item(repo):
     unlearn = by_name["unlearn-grad_diff-adamw-s1"]
     assert unlearn.data.tags["unlearnflow.item"] == "grad_diff-adamw-s1"
     # The tag is DVC's own stage name, so a run can be found from `dvc exp show` / `dvc.lock`.
-    assert unlearn.data.tags["dvc.stage"] == "unlearn@grad_diff-adamw-1"
+    assert unlearn.data.tags["dvc.stage"] == "unlearn@pair0-1"  # DVC names items by the pair's index
     assert by_name["evaluate-target"].data.tags["dvc.stage"] == "evaluate_base@target"
     assert unlearn.data.params["unlearn.seed"] == "1"
     assert unlearn.data.tags["upstream.finetune-target"] == by_name["finetune-target"].info.run_id
@@ -276,5 +283,12 @@ def test_queued_experiments_track_into_the_project_store(repo):
         unlearn = [r for r in runs if r.data.tags["unlearnflow.stage"] == "unlearn"]
         assert {r.data.tags["unlearnflow.item"] for r in unlearn} == set(unlearn_names()), name
         assert all(r.info.status == "FINISHED" for r in runs), name
-        assert all(r.data.params["unlearn.lr"] == lr for r in unlearn), name
+        # zo_adam sets its own lr (unlearn.optimizer_args.zo_adam.lr), which the queued -S does not touch.
+        own = {r.data.params["schedule_from.lr"] for r in unlearn}
+        assert own == {"unlearn.lr", "unlearn.optimizer_args.zo_adam.lr"}, own
+        assert all(
+            r.data.params["unlearn.lr"] == lr
+            for r in unlearn
+            if r.data.params["schedule_from.lr"] == "unlearn.lr"
+        ), name
         assert all(r.data.tags["dvc.exp_baseline_rev"] for r in runs), name
