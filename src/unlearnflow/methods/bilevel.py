@@ -35,9 +35,10 @@ reusing g_f and g_r). The outer product costs two more ∇Φ (``outer_hvp: finit
 (``forget_only``). So a faithful round with T = 1 needs at least 8 passes plus the outer product,
 against GradDiff's 2: the issue's goal of ≤ 3× a GradDiff step (the paper: 2.85-4.22× a
 gradient-ascent step) is not reachable without dropping terms. Measured (docs/ofmu-step-cost.md,
-``make bench-ofmu``, embedded model, × GradDiff): the defaults 10.5×, ``outer_hvp: forget_only``
-6.0×, ``hvp: finite_diff`` + ``fd_scheme: forward`` 5.6× at GradDiff's memory (no graph is kept),
-both together 3.2×, β = 0 with ``forget_only`` 2.9× (no similarity: not OFMU). The defaults stay
+``make bench-ofmu``, embedded model, × GradDiff): the defaults 10.1×, ``outer_hvp: forget_only``
+6.2×, ``hvp: finite_diff`` + ``fd_scheme: forward`` 5.6× at GradDiff's memory (no graph is kept),
+both together 3.8×, β = 0 with ``forget_only`` 2.2× (no similarity: not OFMU); an earlier run of the
+same bench gave 10.5, 6.0, 5.6, 3.2 and 2.9×. The defaults stay
 exact because the finite-difference settings change the trajectory measurably in float32 (forget
 prob 0.96 vs 0.91 after the default 30 rounds, seed 0): they are the choice for a large model.
 
