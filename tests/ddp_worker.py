@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import TINY_TEXTS
@@ -47,7 +48,7 @@ def main(optimizer: str, out: Path, reduce: str) -> None:
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-    torch.save(flat, out / f"{optimizer}-rank{rank}.pt")
+    save_file({"flat": flat}, out / f"{optimizer}-rank{rank}.safetensors")
     (out / f"{optimizer}-rank{rank}.json").write_text(json.dumps({"world": world, "rows": result.rows}))
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 HERE = Path(__file__).parent
 
@@ -29,7 +30,7 @@ def test_replicas_stay_identical(optimizer, tmp_path):
     ranks and average the projected differences, fo_rs perturbs identically, sophia's GNB probe is
     averaged like a gradient. The final parameters are equal bit for bit on both ranks, and moved."""
     launch(optimizer, tmp_path)
-    a, b = (torch.load(tmp_path / f"{optimizer}-rank{r}.pt") for r in (0, 1))
+    a, b = (load_file(tmp_path / f"{optimizer}-rank{r}.safetensors")["flat"] for r in (0, 1))
     meta = json.loads((tmp_path / f"{optimizer}-rank0.json").read_text())
     assert meta["world"] == 2 and len(meta["rows"]) >= 2
     assert torch.equal(a, b)
@@ -39,5 +40,5 @@ def test_without_averaging_zo_replicas_drift(tmp_path):
     """The control: with the projected differences left un-averaged, the ranks' different rows give
     different ZO updates and the replicas drift apart (so the test above can fail)."""
     launch("zo_adam", tmp_path, reduce="off")
-    a, b = (torch.load(tmp_path / f"zo_adam-rank{r}.pt") for r in (0, 1))
+    a, b = (load_file(tmp_path / f"zo_adam-rank{r}.safetensors")["flat"] for r in (0, 1))
     assert not torch.equal(a, b)
