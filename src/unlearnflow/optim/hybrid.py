@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from unlearnflow.errors import ConfigError
 from unlearnflow.optim import OPTIMIZERS, OptimizerArgs, OptimizerSpec
 from unlearnflow.optim.seam import BuildContext, StepClosure
-from unlearnflow.optim.zeroth_order import Betas, Dist, ZerothOrder, gaussian, perturbed
+from unlearnflow.optim.zeroth_order import Betas, Dist, ZerothOrder, gaussian, perturbed, zo_kwargs
 
 
 def fo_zo_is_zeroth_order(
@@ -238,12 +238,7 @@ def _fo_zo(
         total_steps=ctx.total_steps,
         betas=args.betas,
         eps=args.eps,
-        mu=args.mu,
-        q=args.q,
-        zo_dist=args.zo_dist,
-        model=ctx.model,
-        seed=ctx.seed,
-        all_reduce_mean=ctx.all_reduce_mean,
+        **zo_kwargs(args, ctx),
     )
 
 

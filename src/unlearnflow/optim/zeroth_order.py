@@ -350,7 +350,8 @@ class ZOAdamArgs(ZOSGDArgs):
     eps: float = Field(1e-8, gt=0, description="denominator guard ε")
 
 
-def _zo_kwargs(args: ZOSGDArgs, ctx: BuildContext) -> dict[str, Any]:
+def zo_kwargs(args: Any, ctx: BuildContext) -> dict[str, Any]:
+    """The estimator's keyword arguments from any args section with ``mu``, ``q``, ``zo_dist``."""
     return dict(
         mu=args.mu,
         q=args.q,
@@ -364,35 +365,29 @@ def _zo_kwargs(args: ZOSGDArgs, ctx: BuildContext) -> dict[str, Any]:
 def _zo_sgd(
     params: Iterable[Any], *, lr: float, weight_decay: float, args: ZOSGDArgs, ctx: BuildContext
 ) -> torch.optim.Optimizer:
-    return ZerothOrder(params, rule="sgd", lr=lr, weight_decay=weight_decay, **_zo_kwargs(args, ctx))
+    return ZerothOrder(params, rule="sgd", lr=lr, weight_decay=weight_decay, **zo_kwargs(args, ctx))
 
 
-def _zo_adam(
-    params: Iterable[Any], *, lr: float, weight_decay: float, args: ZOAdamArgs, ctx: BuildContext
-) -> torch.optim.Optimizer:
-    return ZerothOrder(
-        params,
-        rule="adam",
-        lr=lr,
-        weight_decay=weight_decay,
-        betas=args.betas,
-        eps=args.eps,
-        **_zo_kwargs(args, ctx),
-    )
+def _adaptive(rule: str) -> Callable[..., torch.optim.Optimizer]:
+    """The factory of an adaptive ZO rule (``adam``, ``radazo``): the same arguments, another update."""
+
+    def factory(
+        params: Iterable[Any], *, lr: float, weight_decay: float, args: ZOAdamArgs, ctx: BuildContext
+    ) -> torch.optim.Optimizer:
+        return ZerothOrder(
+            params,
+            rule=rule,
+            lr=lr,
+            weight_decay=weight_decay,
+            betas=args.betas,
+            eps=args.eps,
+            **zo_kwargs(args, ctx),
+        )
+
+    return factory
 
 
-def _zo_radazo(
-    params: Iterable[Any], *, lr: float, weight_decay: float, args: ZOAdamArgs, ctx: BuildContext
-) -> torch.optim.Optimizer:
-    return ZerothOrder(
-        params,
-        rule="radazo",
-        lr=lr,
-        weight_decay=weight_decay,
-        betas=args.betas,
-        eps=args.eps,
-        **_zo_kwargs(args, ctx),
-    )
+_zo_adam, _zo_radazo = _adaptive("adam"), _adaptive("radazo")
 
 
 OPTIMIZERS.register("zo_sgd")(OptimizerSpec(ZOSGDArgs, _zo_sgd, requires_grad=False, zeroth_order=True))
