@@ -41,16 +41,52 @@ CONFIGS = {
 VOCAB, PROMPT, ANSWER, ROWS, BATCH = 1024, 40, 24, 64, 16
 
 
-def _rss_mib() -> float:
+def rss_mib() -> float:
+    """This process's resident set now (MiB)."""
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def build_model(shape: dict, *, vocab: int = VOCAB, positions: int = PROMPT + ANSWER):
+    """A Llama built from config (no hub): ``shape`` holds hidden_size, num_layers, num_heads, intermediate_size."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    return LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=vocab,
+            num_key_value_heads=shape["num_heads"],
+            num_attention_heads=shape["num_heads"],
+            hidden_size=shape["hidden_size"],
+            intermediate_size=shape["intermediate_size"],
+            num_hidden_layers=shape["num_layers"],
+            max_position_embeddings=positions,
+            tie_word_embeddings=True,
+        )
+    )
+
+
+def random_stream(gen, rows: int = ROWS) -> list[dict[str, list[int]]]:
+    """``rows`` random prompt + answer examples (labels on the answer only), drawn from ``gen``."""
+    import torch
+
+    ids = torch.randint(3, VOCAB, (rows, PROMPT + ANSWER), generator=gen).tolist()
+    return [{"input_ids": r, "labels": [-100] * PROMPT + r[PROMPT:]} for r in ids]
+
+
+def run_worker(script: str, args: list[str], env: dict[str, str]) -> dict:
+    """Run ``script --worker …`` in a fresh process and return the JSON record it prints last."""
+    proc = subprocess.run(
+        [sys.executable, script, "--worker", *args], capture_output=True, text=True, env=env, cwd=ROOT
+    )
+    if proc.returncode != 0:
+        sys.exit(f"{' '.join(args)} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def worker(method: str, config: str, steps: int, warmup: int, threads: int) -> dict:
     """Run ``warmup + steps`` optimizer steps of ``method`` in this process and measure them."""
     import torch
     import yaml
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     from unlearnflow import train
     from unlearnflow.config import TrainConfig
@@ -58,32 +94,16 @@ def worker(method: str, config: str, steps: int, warmup: int, threads: int) -> d
 
     torch.manual_seed(0)
     torch.set_num_threads(threads)
-    model = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=VOCAB,
-            num_key_value_heads=CONFIGS[config]["num_heads"],
-            num_attention_heads=CONFIGS[config]["num_heads"],
-            hidden_size=CONFIGS[config]["hidden_size"],
-            intermediate_size=CONFIGS[config]["intermediate_size"],
-            num_hidden_layers=CONFIGS[config]["num_layers"],
-            max_position_embeddings=PROMPT + ANSWER,
-            tie_word_embeddings=True,
-        )
-    )
+    model = build_model(CONFIGS[config])
     gen = torch.Generator().manual_seed(0)
-
-    def stream() -> list[dict[str, list[int]]]:
-        ids = torch.randint(3, VOCAB, (ROWS, PROMPT + ANSWER), generator=gen).tolist()
-        return [{"input_ids": r, "labels": [-100] * PROMPT + r[PROMPT:]} for r in ids]
-
-    forget = stream()
-    data = {"forget": forget, "retain": stream(), "idk": stream(), "train": forget}
+    forget = random_stream(gen)
+    data = {"forget": forget, "retain": random_stream(gen), "idk": random_stream(gen), "train": forget}
     name, *pairs = method.split(":")
     overrides = {k: yaml.safe_load(v) for k, v in (pair.split("=", 1) for pair in pairs)}
     algo = build_method(name, overrides)
     # Batches per epoch = ROWS / BATCH: enough epochs for warmup + timed steps; lr tiny so nothing diverges.
     cfg = TrainConfig(epochs=(steps + warmup) / (ROWS / BATCH), batch_size=BATCH, lr=1e-6, log_every=1)
-    before = _rss_mib()
+    before = rss_mib()
     result = train.run(
         model, algo, "adamw", data, cfg, pad_token_id=0, device=torch.device("cpu"), desc=method
     )
@@ -128,28 +148,8 @@ def main() -> None:
     for config in args.configs.split(","):
         for method in methods:
             start = time.perf_counter()
-            proc = subprocess.run(
-                [
-                    sys.executable,
-                    __file__,
-                    "--worker",
-                    method,
-                    config,
-                    "--steps",
-                    str(args.steps),
-                    "--warmup",
-                    str(args.warmup),
-                    "--threads",
-                    str(args.threads),
-                ],
-                capture_output=True,
-                text=True,
-                env=env,
-                cwd=ROOT,
-            )
-            if proc.returncode != 0:
-                sys.exit(f"{method} on {config} failed:\n{proc.stderr[-3000:]}")
-            results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+            flags = ["--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads)]
+            results.append(run_worker(__file__, [method, config, *flags], env))
             r = results[-1]
             print(
                 f"{config:9s} {method:40s} {r['step_s_median'] * 1e3:8.1f} ms/step "

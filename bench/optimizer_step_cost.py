@@ -26,28 +26,23 @@ import os
 import platform
 import resource
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).parent))
+from method_step_cost import ANSWER, PROMPT, ROWS, build_model, random_stream, rss_mib, run_worker  # noqa: E402
+
 CONFIGS = {
     "embedded": {"hidden_size": 128, "num_layers": 4, "num_heads": 4, "intermediate_size": 512, "batch": 16},
     "large": {"hidden_size": 1024, "num_layers": 8, "num_heads": 16, "intermediate_size": 4096, "batch": 8},
 }
-VOCAB, PROMPT, ANSWER, ROWS = 1024, 40, 24, 64
-
-
-def _rss_mib() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def worker(optimizer: str, config: str, steps: int, warmup: int, threads: int) -> dict:
     """Run ``warmup + steps`` steps of grad_diff × ``optimizer`` (or forward passes) and measure them."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     from unlearnflow import train
     from unlearnflow.config import TrainConfig
@@ -57,28 +52,12 @@ def worker(optimizer: str, config: str, steps: int, warmup: int, threads: int) -
     torch.manual_seed(0)
     torch.set_num_threads(threads)
     c = CONFIGS[config]
-    model = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=VOCAB,
-            num_key_value_heads=c["num_heads"],
-            num_attention_heads=c["num_heads"],
-            hidden_size=c["hidden_size"],
-            intermediate_size=c["intermediate_size"],
-            num_hidden_layers=c["num_layers"],
-            max_position_embeddings=PROMPT + ANSWER,
-            tie_word_embeddings=True,
-        )
-    )
+    model = build_model(c)
     gen = torch.Generator().manual_seed(0)
-
-    def stream() -> list[dict[str, list[int]]]:
-        ids = torch.randint(3, VOCAB, (ROWS, PROMPT + ANSWER), generator=gen).tolist()
-        return [{"input_ids": r, "labels": [-100] * PROMPT + r[PROMPT:]} for r in ids]
-
-    data = {"forget": stream(), "retain": stream()}
+    data = {"forget": random_stream(gen), "retain": random_stream(gen)}
     algo = build_method("grad_diff", {})
     batch = c["batch"]
-    before = _rss_mib()
+    before = rss_mib()
     if optimizer == "forward":
         model.eval()
         times = []
@@ -134,12 +113,8 @@ def main() -> None:
     for config in args.configs.split(","):
         for name in names:
             start = time.perf_counter()
-            cmd = [sys.executable, __file__, "--worker", name, config, "--steps", str(args.steps)]
-            cmd += ["--warmup", str(args.warmup), "--threads", str(args.threads)]
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
-            if proc.returncode != 0:
-                sys.exit(f"{name} on {config} failed:\n{proc.stderr[-3000:]}")
-            r = json.loads(proc.stdout.strip().splitlines()[-1])
+            flags = ["--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads)]
+            r = run_worker(__file__, [name, config, *flags], env)
             results.append(r)
             print(
                 f"{config:9s} {name:10s} {r['step_s_median'] * 1e3:9.1f} ms/step  peak {r['peak_rss_mib']:7.0f} MiB "
