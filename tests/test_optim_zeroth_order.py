@@ -21,7 +21,7 @@ from unlearnflow.errors import ConfigError
 from unlearnflow.optim import OPTIMIZERS, build_optimizer, param_groups
 from unlearnflow.optim.hybrid import fo_zo_is_zeroth_order
 from unlearnflow.optim.seam import BuildContext, StepClosure
-from unlearnflow.optim.zeroth_order import direction_seed, perturbed
+from unlearnflow.optim.zeroth_order import direction, direction_seed, perturbed
 
 D = 5
 MU = 1e-3
@@ -320,6 +320,52 @@ def test_zo_step_on_the_tiny_llama_moves_every_parameter(make_tiny_model):
     assert math.isfinite(float(loss))
     assert all(not torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_zo_step_through_reused_buffers_equals_fresh_tensors_on_the_tiny_llama(make_tiny_model):
+    """The optimizer writes u, θ + c·u and ĝ into reused buffers (``Scratch``); the step must equal,
+    bit for bit, the same step built from fresh tensors (``perturbed`` and ``direction`` without a
+    scratch), and the buffers must stay the size of a few parameters, not of the model."""
+    model = make_tiny_model()
+    ref = copy.deepcopy(model)
+    ids = torch.tensor([[1, 5, 9, 12, 3, 7]])
+
+    def loss_of(lm: nn.Module) -> Tensor:
+        return lm(input_ids=ids, labels=ids).loss
+
+    class LM(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lm = model
+
+        def forward(self) -> Tensor:
+            return loss_of(self.lm)
+
+    lr, seed = 1e-2, 5
+    opt = build("zo_sgd", model, lr=lr, seed=seed)
+    zo_step(opt, FakeClosure(LM()))
+
+    # The optimizer's order (param groups: matrices, then vectors) keys the directions.
+    names = {id(p): n for n, p in model.named_parameters()}
+    ref_params = dict(ref.named_parameters())
+    params = [ref_params[names[id(p)]] for p in flat(opt)]
+    u = direction(seed, 0, 0, "gaussian", params)
+    with torch.no_grad():
+        with perturbed(ref, params, MU, u):
+            plus = loss_of(ref)
+        with perturbed(ref, params, -MU, u):
+            minus = loss_of(ref)
+        w = float((plus.double() - minus.double()) / (2 * MU))
+        for j, p in enumerate(params):
+            p.add_(torch.zeros_like(p).add_(u(j, p), alpha=w), alpha=-lr)
+    for (name, p), q in zip(model.named_parameters(), ref.parameters(), strict=True):
+        assert torch.equal(p, q), name
+
+    held = sum(b.numel() for b in opt._scratch._buffers.values())
+    largest = max(p.numel() for p in params)
+    # u, ĝ and one θ + c·u (every hooked module here owns a single "weight"): the largest
+    # parameter three times; a buffer per parameter would hold the model three times.
+    assert held == 3 * largest < 3 * sum(p.numel() for p in params)
 
 
 # ----------------------------------------------------------------------------------------------

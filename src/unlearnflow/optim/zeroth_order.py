@@ -43,7 +43,7 @@ import hashlib
 import logging
 import math
 import struct
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from typing import Annotated, Any, Literal
 
 import torch
@@ -81,29 +81,75 @@ def direction_seed(seed: int, step: int, i: int, index: int) -> int:
     return int.from_bytes(digest, "little") & (2**63 - 1)
 
 
-def gaussian(seed: int, step: int, i: int, index: int, like: Tensor) -> Tensor:
-    """z ~ N(0, I) with ``like``'s shape, dtype and device, from ``direction_seed(seed, step, i, index)``."""
+class Scratch:
+    """Flat buffers reused across module forwards and steps, one per role (and dtype, device).
+
+    Why: a ZO step regenerates every block of u five times (two streams × ±μ, plus the update's
+    replay) and builds θ + c·u for every module. Into fresh tensors, each multi-MiB block is a new
+    mapping whose pages fault in while the generator writes: on the 2-core CPU machine
+    ``torch.randn`` into fresh memory costs ~10 ns per element against ~4.5 ns for ``normal_``
+    into warm memory (docs/optimizer-step-cost.md). The buffers hold the largest parameter once per
+    role, not the model. ``like`` returns a view that the next call with the same role overwrites.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple[Hashable, torch.dtype, torch.device], Tensor] = {}
+
+    def like(self, role: Hashable, t: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+        """An uninitialised contiguous tensor shaped like ``t`` (dtype ``dtype`` or ``t``'s)."""
+        key = (role, dtype or t.dtype, t.device)
+        buf = self._buffers.get(key)
+        if buf is None or buf.numel() < t.numel():
+            buf = self._buffers[key] = torch.empty(t.numel(), dtype=key[1], device=t.device)
+        return buf[: t.numel()].view(t.shape)
+
+    def holds(self, t: Tensor) -> bool:
+        """Whether ``t`` shares memory with one of the buffers (an output aliasing a weight)."""
+        ptr = t.untyped_storage().data_ptr()
+        return any(b.untyped_storage().data_ptr() == ptr for b in self._buffers.values())
+
+
+def gaussian(seed: int, step: int, i: int, index: int, like: Tensor, out: Tensor | None = None) -> Tensor:
+    """z ~ N(0, I) with ``like``'s shape, dtype and device, from ``direction_seed(seed, step, i, index)``.
+
+    Written into ``out`` when given (the same numbers: ``randn`` is ``empty`` + ``normal_``).
+    """
     gen = torch.Generator(device=like.device).manual_seed(direction_seed(seed, step, i, index))
+    if out is not None:
+        return out.normal_(generator=gen)
     return torch.randn(like.shape, generator=gen, dtype=like.dtype, device=like.device)
 
 
-def sphere_scale(seed: int, step: int, i: int, params: Sequence[Tensor]) -> float:
+def sphere_scale(
+    seed: int, step: int, i: int, params: Sequence[Tensor], scratch: Scratch | None = None
+) -> float:
     """1/‖z‖ over *all* optimised parameters (one extra generation pass), so z·scale is on the sphere."""
     norms = [
-        torch.linalg.vector_norm(gaussian(seed, step, i, j, p), dtype=torch.float64)
+        torch.linalg.vector_norm(
+            gaussian(seed, step, i, j, p, None if scratch is None else scratch.like("u", p)),
+            dtype=torch.float64,
+        )
         for j, p in enumerate(params)
     ]
     return 1.0 / math.sqrt(math.fsum(float(n) ** 2 for n in norms))
 
 
 def direction(
-    seed: int, step: int, i: int, dist: Dist, params: Sequence[Tensor]
+    seed: int,
+    step: int,
+    i: int,
+    dist: Dist,
+    params: Sequence[Tensor],
+    scratch: Scratch | None = None,
 ) -> Callable[[int, Tensor], Tensor]:
-    """u_i of step ``step`` as a function (parameter index, parameter) → its block of u_i."""
-    scale = sphere_scale(seed, step, i, params) if dist == "sphere" else 1.0
+    """u_i of step ``step`` as a function (parameter index, parameter) → its block of u_i.
+
+    With ``scratch`` the block is a view of the ``"u"`` buffer, valid until the next call.
+    """
+    scale = sphere_scale(seed, step, i, params, scratch) if dist == "sphere" else 1.0
 
     def u(j: int, p: Tensor) -> Tensor:
-        z = gaussian(seed, step, i, j, p)
+        z = gaussian(seed, step, i, j, p, None if scratch is None else scratch.like("u", p))
         return z.mul_(scale) if dist == "sphere" else z
 
     return u
@@ -115,6 +161,7 @@ def perturbed(
     params: Sequence[Tensor],
     coeff: float,
     offset: Callable[[int, Tensor], Tensor],
+    scratch: Scratch | None = None,
 ) -> Iterator[set[int]]:
     """Within the block, every forward of a module owning ``params[j]`` sees θ_j + coeff·offset(j, θ_j).
 
@@ -128,6 +175,10 @@ def perturbed(
         params: the optimised parameters, in the optimizer's order (index j keys the direction).
         coeff: the step along the offset (+μ, −μ, σ).
         offset: (j, θ_j) → a tensor shaped like θ_j, regenerated at each use.
+        scratch: where θ_j + coeff·offset is written when grad is disabled (one buffer per
+            parameter name and module nesting depth, reused by the next module); under autograd
+            the tensor is always fresh, since the graph keeps it for backward. A module output
+            that aliases its perturbed weight is cloned before the buffer is reused.
 
     Yields:
         The set of indices j whose parameter was used inside a module forward (filled as it runs).
@@ -135,23 +186,35 @@ def perturbed(
     index = {id(p): j for j, p in enumerate(params)}
     applied: set[int] = set()
     swapped: dict[tuple[int, str], tuple[nn.Module, nn.Parameter]] = {}
+    depth = [0]
     handles = []
 
     def pre_hook(module: nn.Module, _args: Any) -> None:
+        reuse = scratch is not None and not torch.is_grad_enabled()
         for name, p in list(module._parameters.items()):
             j = index.get(id(p)) if p is not None else None
             if j is None:
                 continue
             swapped[(id(module), name)] = (module, p)
+            out = scratch.like(("theta", depth[0], name), p) if reuse else None  # type: ignore[union-attr]
             # Bypasses Module.__setattr__, which accepts only Parameters here; restored below.
-            module._parameters[name] = torch.add(p, offset(j, p), alpha=coeff)
+            module._parameters[name] = torch.add(p, offset(j, p), alpha=coeff, out=out)
             applied.add(j)
+        depth[0] += 1
 
-    def post_hook(module: nn.Module, _args: Any, _out: Any) -> None:
+    def post_hook(module: nn.Module, _args: Any, out: Any) -> Any:
+        depth[0] -= 1
         for name in list(module._parameters):
             entry = swapped.pop((id(module), name), None)
             if entry is not None:
                 module._parameters[name] = entry[1]
+        if scratch is None:
+            return None
+        if isinstance(out, Tensor):
+            return out.clone() if scratch.holds(out) else None
+        if isinstance(out, tuple) and any(isinstance(o, Tensor) and scratch.holds(o) for o in out):
+            return tuple(o.clone() if isinstance(o, Tensor) and scratch.holds(o) else o for o in out)
+        return None
 
     for module in model.modules():
         if any(p is not None and id(p) in index for p in module._parameters.values()):
@@ -166,6 +229,7 @@ def perturbed(
         for (_, name), (module, p) in swapped.items():
             module._parameters[name] = p
         swapped.clear()
+        depth[0] = 0
 
 
 # --------------------------------------------------------------------------------------------------
@@ -271,6 +335,7 @@ class ZerothOrder(torch.optim.Optimizer):
         self.rule, self.mu, self.q, self.zo_dist = rule, mu, q, zo_dist
         self.model, self.seed, self.all_reduce_mean = model, seed, all_reduce_mean
         self._warned = False
+        self._scratch = Scratch()
 
     def is_zeroth_order_step(self, step: int) -> bool:
         return True
@@ -283,16 +348,17 @@ class ZerothOrder(torch.optim.Optimizer):
         t = int(self.param_groups[0]["zo_step"])
         mu, q = self.mu, self.q
         phi = float(sum(p.numel() for p in params)) if self.zo_dist == "sphere" else 1.0
-        us = [direction(self.seed, t, i, self.zo_dist, params) for i in range(q)]
+        scratch = self._scratch
+        us = [direction(self.seed, t, i, self.zo_dist, params, scratch) for i in range(q)]
 
         losses: list[Tensor] = []
         diffs: list[Tensor] = []
         used: set[int] = set()
         for u in us:
-            with perturbed(self.model, params, mu, u) as applied:
+            with perturbed(self.model, params, mu, u, scratch) as applied:
                 plus = closure()
             used |= applied
-            with perturbed(self.model, params, -mu, u) as applied:
+            with perturbed(self.model, params, -mu, u, scratch) as applied:
                 minus = closure()
             used |= applied
             losses += [plus.detach().reshape(()), minus.detach().reshape(())]
@@ -316,7 +382,7 @@ class ZerothOrder(torch.optim.Optimizer):
         for group in self.param_groups:
             for p in group["params"]:
                 acc = torch.float32 if p.dtype in (torch.float16, torch.bfloat16) else p.dtype
-                g = torch.zeros_like(p, dtype=acc)
+                g = scratch.like("g", p, dtype=acc).zero_()
                 for u, w in zip(us, weights, strict=True):
                     g.add_(u(j, p), alpha=w)
                 norms.append(torch.linalg.vector_norm(g, dtype=torch.float64))
