@@ -2,17 +2,21 @@
 
 Usage: python bench/unlearn_probe.py --method grad_diff --optimizer signadam [--seeds 0,1,2]
        [--lr 2e-4] [--epochs 5] [--optimizer-args '{"zo_lr": 1e-4}'] [--model models/target]
-       [--splits data/splits] [--params params.yaml]
+       [--splits data/splits] [--params params.yaml] [--attack quantize_4bit ...]
 
 The learning-rate probe behind docs/optimizers.md: the unlearn stage's training (same loop, same
 params.yaml sections; ``--lr`` / ``--epochs`` / ``--optimizer-args`` override them) without the stage's
 outputs or the full evaluation, so a sweep point costs the training alone. Prints one JSON line per
 seed and the mean ± sd. Needs a pipeline's ``models/target`` and ``data/splits`` (``dvc repro finetune``).
+Each row also has the unlearning's weight change from the target (``weights.weight_change``) and,
+per ``--attack`` (a weight-only attack of ``attack.names``: quantize, noise), the probabilities
+after it: the probe that places a learning rate in or out of the regime a quantization can undo.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import time
@@ -21,13 +25,15 @@ from pathlib import Path
 import torch
 
 from unlearnflow import modeling, train
-from unlearnflow.config import ModelConfig, UnlearnConfig, load_section
+from unlearnflow.attacks import AttackContext, build_attack
+from unlearnflow.config import AttackConfig, ModelConfig, UnlearnConfig, load_section
 from unlearnflow.data import splits as split_io
 from unlearnflow.data.refusals import idk_rows
 from unlearnflow.data.tokenize import collate, training_examples
 from unlearnflow.losses import sequence_nll
 from unlearnflow.matrix import check_pair, item_config
 from unlearnflow.methods import build_method
+from unlearnflow.weights import weight_change
 
 
 def answer_prob(model: torch.nn.Module, examples: list, pad_id: int) -> float:
@@ -79,7 +85,7 @@ def probe(args: argparse.Namespace, seed: int) -> dict:
         desc=f"{args.method}×{args.optimizer}",
     )
     net.eval()
-    return {
+    row = {
         "method": args.method,
         "optimizer": args.optimizer,
         "lr": cfg.lr,
@@ -91,6 +97,14 @@ def probe(args: argparse.Namespace, seed: int) -> dict:
         "health": result.health,
         "wall_s": round(time.time() - start, 1),
     }
+    row |= {f"weight_{k}": round(v, 5) for k, v in weight_change(net, args.model).items()}
+    attacks = load_section(args.params, "attack", AttackConfig)
+    for name in args.attack:
+        attacked = copy.deepcopy(net)
+        build_attack(name, attacks).apply(attacked, AttackContext(tokenizer=tok))
+        row[f"{name}_forget_prob"] = round(answer_prob(attacked, enc["forget"], tok.pad_token_id), 4)
+        row[f"{name}_retain_prob"] = round(answer_prob(attacked, enc["retain"][::4], tok.pad_token_id), 4)
+    return row
 
 
 def main() -> None:
@@ -104,12 +118,17 @@ def main() -> None:
     ap.add_argument("--model", type=Path, default=Path("models/target"))
     ap.add_argument("--splits", type=Path, default=Path("data/splits"))
     ap.add_argument("--params", type=Path, default=Path("params.yaml"))
+    ap.add_argument(
+        "--attack", action="append", default=[], help="an attack.names section to apply after (weights only)"
+    )
     args = ap.parse_args()
     rows = []
     for seed in (int(s) for s in args.seeds.split(",")):
         rows.append(probe(args, seed))
         print(json.dumps(rows[-1]), flush=True)
-    for key in ("forget_prob", "retain_prob"):
+    for key in ["forget_prob", "retain_prob", "weight_q4_code_change"] + [
+        f"{a}_{k}" for a in args.attack for k in ("forget_prob", "retain_prob")
+    ]:
         values = [r[key] for r in rows]
         sd = statistics.stdev(values) if len(values) > 1 else float("nan")
         print(f"{key}: {statistics.mean(values):.3f} ± {sd:.3f} over seeds {args.seeds}")

@@ -12,11 +12,12 @@ from unlearnflow.config import ComputeConfig, EvaluateConfig, ModelConfig, load_
 from unlearnflow.data import splits as split_io
 from unlearnflow.data.tokenize import PromptFormat
 from unlearnflow.errors import DataError, UnlearnflowError
-from unlearnflow.io import atomic_dir, read_jsonl, write_json, write_jsonl
+from unlearnflow.io import atomic_dir, read_json, read_jsonl, write_json, write_jsonl
 from unlearnflow.metrics import SuiteOptions, evaluate_splits, relative_metrics
 from unlearnflow.metrics.relative import check_metrics
 
 app = cli.stage_app(__doc__)
+ATTACK_FILE = "attack.json"  # written by the attack stage beside the attacked checkpoint
 
 
 def oracle_rows(reference: str) -> dict[str, list[dict]] | None:
@@ -58,8 +59,9 @@ def main(
     out: Path = typer.Option(..., help="output directory: metrics.json, info.json, samples/"),
     method: str = typer.Option(None, help="method of an unlearned model"),
     optimizer: str = typer.Option(None, help="optimizer of an unlearned model"),
-    attack: str = typer.Option(None, help="attack applied to an unlearned model"),
+    attack: str = typer.Option(None, help="attack applied to the model"),
     seed: int = typer.Option(None, help="unlearn seed of an unlearned model"),
+    role: str = typer.Option(None, help="target | oracle | unlearned (default: from the name)"),
     params: Path = typer.Option(Path("params.yaml"), help="params file"),
 ) -> None:
     """Evaluate MODEL with the benchmark's metric suite; forget quality, privleak and the reference
@@ -70,8 +72,19 @@ def main(
         check_metrics(layout, cfg.metrics)  # before anything loads: the metrics must give every number
         model_cfg = load_section(params, "model", ModelConfig)
         device = modeling.pick_device(load_section(params, "compute", ComputeConfig).device)
-        kind = name if name in ("target", "oracle") else "unlearned"
+        kind = role or (name if name in ("target", "oracle") else "unlearned")
+        if kind not in ("target", "oracle", "unlearned"):
+            raise UnlearnflowError(f"--role must be target, oracle or unlearned, got {kind!r}")
         info = {"model": kind, "method": method, "optimizer": optimizer, "attack": attack, "seed": seed}
+        attacked = read_json(model / ATTACK_FILE) if (model / ATTACK_FILE).is_file() else {}
+        # A relearning attack's pool: rows it (may have) trained on, never evaluated.
+        exclude = {split: frozenset(rows) for split, rows in attacked.get("exclude", {}).items()}
+        if attacked:
+            info |= {
+                "attack_kind": attacked.get("section", {}).get("kind"),
+                "attack_stats": attacked.get("stats", {}),
+                **{k: attacked[k] for k in ("curve", "weight_change", "exclude") if k in attacked},
+            }
         upstream = [model / "run.json", splits / "run.json"]
         with tracking.stage_run(
             "evaluate",
@@ -82,6 +95,12 @@ def main(
         ) as run:
             run.set_tags({k: str(v) for k, v in info.items() if v is not None})
             reference = oracle_rows(oracle)
+            if reference is not None and exclude:
+                # The oracle side of forget_quality / privleak on the same rows as this model's.
+                reference = {
+                    split: [r for r in rows if r["index"] not in exclude.get(split, ())]
+                    for split, rows in reference.items()
+                }
             tok = modeling.load_tokenizer(model, trust_remote_code=model_cfg.trust_remote_code)
             net = modeling.load_model(model, device=device, trust_remote_code=model_cfg.trust_remote_code)
             data = split_io.read_splits(splits, layout.evaluated())
@@ -95,6 +114,7 @@ def main(
                 opts=SuiteOptions(
                     **cfg.suite_options(model_cfg.max_length),
                     prompt=PromptFormat(**model_cfg.prompt_kwargs()),
+                    exclude=exclude,
                 ),
             )
             relative = relative_metrics(

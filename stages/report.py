@@ -1,5 +1,6 @@
 """Stage `report`: one comparison table (mean ± sd over seeds), summary JSON and trade-off plot over
-every evaluated model, with the unlearn runs' health flags."""
+every evaluated model, with the unlearn runs' health flags, and the robustness tables and plots
+(forget metrics before → after each attack, beside the same attacks on target and oracle)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 
 import typer
 
-from unlearnflow import cli, dynamics, report, spread, tracking
+from unlearnflow import cli, dynamics, report, robustness, spread, tracking
 from unlearnflow.config import AttackConfig, UnlearnConfig, load_section
 from unlearnflow.io import atomic_dir
 
@@ -35,9 +36,17 @@ def main(
             (p.method, p.optimizer, s, a) for p in unlearn.pairs for s in unlearn.seeds for a in attack.names
         ]
         names = ["target", "oracle"] + [cli.item_name(m, o, s, a) for m, o, s, a in items]
+        names += [f"{base}-{a}" for a in attack.controls for base in ("target", "oracle")]
         health = [None, None] + [unlearned / cli.item_name(m, o, s) / "health.json" for m, o, s, _ in items]
+        health += [None] * (len(names) - len(health))
         # Read and check every input before opening a run: a malformed file is one line, nothing else.
-        rows = report.collect_rows([evals / n for n in names], health)
+        every = report.collect_rows([evals / n for n in names], health)
+        # Controls (target / oracle under an attack) are read in the robustness tables and listed
+        # among every run; the main table and its comparisons keep one target and one oracle.
+        rows = [r for r in every if not robustness.is_control(r)]
+        records = robustness.attach_attack_info(every, [evals / n for n in names])
+        kinds = {a: attack.args(a).kind for a in dict.fromkeys([*attack.names, *attack.controls])}
+        robust = robustness.summarize(records, attack.names, attack.controls, kinds)
         groups = spread.group_rows(rows)
         comparisons = spread.compare_groups(groups)
         logged = {
@@ -45,7 +54,7 @@ def main(
                 "pairs": [f"{p.method}-{p.optimizer}" for p in unlearn.pairs],
                 "seeds": unlearn.seeds,
             },
-            "attack": {"names": attack.names},
+            "attack": {"names": attack.names, "controls": attack.controls},
         }
         upstream = [evals / n / "samples" / "run.json" for n in names]
         with tracking.stage_run(
@@ -69,8 +78,16 @@ def main(
                         figures.append(f"![{method} dynamics](dynamics-{method}.png)")
                 extra = dynamics.methods_table([(m, o, s, r) for (m, o, s), r in runs.items()])
                 extra += [*(f"{f}\n" for f in figures)]
-                report.write_summary(rows, groups, comparisons, tmp / "summary.json")
-                report.write_markdown(rows, groups, comparisons, tmp / "report.md", extra)
+                plots = {
+                    "robustness-quantize.png": robustness.plot_quantize,
+                    "relearn.png": robustness.plot_relearn,
+                }
+                shown = [f"![{n[:-4]}]({n})" for n, plot in plots.items() if plot(robust, tmp / n)]
+                extra += robustness.markdown_lines(robust, shown)
+                controls = [r for r in every if robustness.is_control(r)]
+                sections = {"controls": controls, "robustness": robust}
+                report.write_summary(rows, groups, comparisons, tmp / "summary.json", sections)
+                report.write_markdown(every, groups, comparisons, tmp / "report.md", extra)
                 report.plot_tradeoff(groups, tmp / "tradeoff.png")
                 run.write_manifest(tmp / "run.json")
             for path in sorted(out.iterdir()):

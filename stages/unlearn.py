@@ -14,6 +14,7 @@ from unlearnflow.data.tokenize import PromptFormat, training_examples
 from unlearnflow.io import atomic_dir, write_json, write_jsonl
 from unlearnflow.matrix import check_pair, item_config
 from unlearnflow.methods import build_method
+from unlearnflow.weights import weight_change
 
 app = cli.stage_app(__doc__)
 
@@ -89,8 +90,11 @@ def main(
                 on_log=run.log_metrics,
                 desc=f"unlearn {item}",
             )
+            # The unlearning's size against a 4-bit step: in which regime a quantization attack can bite.
+            change = weight_change(net, model)
             with atomic_dir(out) as tmp:
                 modeling.save_pretrained(net, tok, tmp)
+                write_json(tmp / "weight_change.json", change)
                 write_jsonl(tmp / "steps.jsonl", result.rows)
                 write_json(tmp / "health.json", {"flags": result.health})  # read by the report
                 write_json(tmp / "method_state.json", result.method_state)  # e.g. PDU's λ, OFMU's ρ
@@ -100,6 +104,7 @@ def main(
                 run.write_manifest(tmp / "run.json")
             run.log_health(result.health)
             run.log_metrics({"wall_time_s": result.wall_time, "steps": float(result.steps)})
+            run.log_metrics({f"weight_{k}": v for k, v in change.items()})
             if result.stopped_early:
                 run.set_tags({"unlearn.stopped_early": result.stopped_early})
             run.log_checkpoint(out, max_mb)

@@ -97,7 +97,7 @@ def test_truncated_safetensors_is_a_one_line_error(cwd, stage):
     weights.write_bytes(data[: len(data) // 2])
     model = ["--model", str(broken)]
     args = {
-        "attack": ["m", "o", "noise", "--seed", "0", *model, "--out", "out-a"],
+        "attack": ["m-o-s0", "noise", *model, "--splits", "splits", "--out", "out-a"],
         "unlearn": ["grad_ascent", "adamw", "--seed", "0", *model, "--splits", "splits", "--out", "out-u"],
     }[stage]
     result = invoke(stage, args)

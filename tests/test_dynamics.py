@@ -91,6 +91,7 @@ def test_report_stage_adds_methods_table_and_dynamics_figure(tmp_path: Path) -> 
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["unlearn"].update(pairs=[{"method": "pdu", "optimizer": "adamw"}], seeds=[0, 1])
     params["attack"]["names"] = ["none"]
+    params["attack"]["controls"] = []
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     args = ["--evals", str(tmp_path / "eval"), "--unlearned", str(tmp_path / "unlearned")]
     args += ["--out", str(tmp_path / "reports"), "--params", str(tmp_path / "params.yaml")]

@@ -51,12 +51,18 @@ SHRINK = {
         "batch_size": 4,
         "seeds": [0, 1],
     },
-    "attack": {"names": ["none", "noise"]},
+    # bitsandbytes 4-bit and relearning on every unlearned model; both also on target and oracle.
+    "attack": {
+        "names": ["none", "quantize_4bit", "relearn"],
+        "controls": ["quantize_4bit", "relearn"],
+        "relearn": {"n": 2, "steps": [1, 2], "batch_size": 2},
+    },
     "evaluate": {"max_new_tokens": 8},
 }
 PAIRS = (("grad_diff", "adamw"), ("pdu", "adamw"), ("grad_diff", "zo_adam"))
 SEEDS = (0, 1)
-ATTACKS = ("none", "noise")
+ATTACKS = ("none", "quantize_4bit", "relearn")
+CONTROLS = tuple(f"{b}-{a}" for b in ("target", "oracle") for a in ("quantize_4bit", "relearn"))
 MIA_AUCS = ("mia_loss", "mia_zlib", "mia_min_k", "mia_min_k_pp", "mia_grad_norm", "mia_reference")
 
 
@@ -147,7 +153,8 @@ def test_repro_writes_the_report(repo):
     table = (path / "reports" / "report.md").read_text()
     assert "forget_quality" in table and "grad_diff" in table
     assert "## Methods" in table and "| pdu | adamw | 0, 1 |" in table
-    for png in ("tradeoff.png", "dynamics-pdu.png"):
+    assert "quantize_4bit" in table and "relearn" in table
+    for png in ("tradeoff.png", "dynamics-pdu.png", "robustness-quantize.png", "relearn.png"):
         assert (path / "reports" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
     assert not (path / "reports" / "dynamics-grad_diff.png").exists()  # no diagnostics to plot
     state = json.loads((path / "unlearned" / "pdu-adamw-s0" / "method_state.json").read_text())
@@ -156,20 +163,36 @@ def test_repro_writes_the_report(repo):
 
 def test_metrics_and_per_sample_files(repo):
     path, _, _, _ = repo
-    for name in ["target", "oracle", *item_names()]:
+    for name in ["target", "oracle", *item_names(), *CONTROLS]:
         metrics = json.loads((path / "eval" / name / "metrics.json").read_text())
         assert {"forget_quality", "model_utility", "forget_prob", "retain_rouge"} <= metrics.keys()
         samples = path / "eval" / name / "samples"
         forget = [json.loads(line) for line in (samples / "forget.jsonl").read_text().splitlines()]
-        assert len(forget) == 8 and all(math.isfinite(r["truth_ratio"]) for r in forget)
+        assert all(math.isfinite(r["truth_ratio"]) for r in forget)
+        if name.endswith("-relearn"):
+            # Relearning's pool (half the forget rows) is never evaluated; its curve is on the rest.
+            attack = json.loads((path / "attacked" / name / "attack.json").read_text())
+            pool = set(attack["exclude"]["forget"])
+            assert len(pool) == 4 and len(forget) == 4 and not pool & {r["index"] for r in forget}
+            assert set(attack["trained_rows"]["forget"]) <= pool
+            info = json.loads((path / "eval" / name / "info.json").read_text())
+            assert [p["step"] for p in info["curve"]] == [0, 1, 2] and info["attack_kind"] == "relearn"
+        else:
+            assert len(forget) == 8
         assert (samples / "run.json").exists()
+    for name in unlearn_names():
+        change = json.loads((path / "unlearned" / name / "weight_change.json").read_text())
+        assert change["rel_change"] > 0 and 0 <= change["q4_code_change"] <= 1
+    quantized = json.loads((path / "eval" / "target-quantize_4bit" / "info.json").read_text())
+    assert quantized["model"] == "target" and quantized["attack_stats"]["quantized_layers"] > 0
     manifest = json.loads((path / "data" / "splits" / "manifest.json").read_text())
     assert manifest["counts"]["forget"] == 8  # 1 author × 8 attributes × 1 template
     for model in (
         "models/target",
         "models/oracle",
         "unlearned/pdu-adamw-s1",
-        "attacked/grad_diff-adamw-s0-noise",
+        "attacked/grad_diff-adamw-s0-quantize_4bit",
+        "attacked/oracle-relearn",
     ):
         assert (path / model / "model.safetensors").exists(), model
     # Target and oracle share one tokenizer: it is trained deterministically from the same corpus.
@@ -197,6 +220,7 @@ def test_mlflow_has_a_finished_run_per_stage_item(repo):
     }
     expected |= {f"unlearn-{u}" for u in unlearn_names()}
     expected |= {f"attack-{n}" for n in item_names()} | {f"evaluate-{n}" for n in item_names()}
+    expected |= {f"attack-{n}" for n in CONTROLS} | {f"evaluate-{n}" for n in CONTROLS}
     assert expected <= by_name.keys()
     assert all(r.info.status == "FINISHED" for r in runs)
     unlearn = by_name["unlearn-grad_diff-adamw-s1"]

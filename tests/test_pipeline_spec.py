@@ -61,6 +61,15 @@ READS = {
         ("compute", ComputeConfig, set()),
     ],
     "evaluate": [("evaluate", EvaluateConfig, set()), ("compute", ComputeConfig, set())],
+    # An attack reads its own section (attack.${item.attack}), and relearning's curve the evaluate ones.
+    **{
+        stage: [
+            ("evaluate", EvaluateConfig, set()),
+            ("model", ModelConfig, {"base", "target", "oracle", "scratch"}),
+            ("compute", ComputeConfig, set()),
+        ]
+        for stage in ("attack", "attack_control")
+    },
     "evaluate_base": [("evaluate", EvaluateConfig, set()), ("compute", ComputeConfig, set())],
 }
 
@@ -84,7 +93,8 @@ def test_seed_axis_is_a_matrix_item_on_the_command_line(stage):
     directories ``-s<seed>``; the list itself is no params dep (a new seed must not rerun the others)."""
     body = DVC[stage]
     assert body["matrix"]["seed"] == "${unlearn.seeds}"
-    assert "--seed ${item.seed}" in body["cmd"]
+    # As --seed, or inside the item name the attack stage takes (<method>-<optimizer>-s<seed>).
+    assert "--seed ${item.seed}" in body["cmd"] or "-s${item.seed} ${item.attack}" in body["cmd"]
     outs = [o if isinstance(o, str) else next(iter(o)) for o in [*body["outs"], *body.get("metrics", [])]]
     assert outs and all("${item.pair.method}-${item.pair.optimizer}-s${item.seed}" in o for o in outs), outs
     assert not any(p.startswith("unlearn.seed") for p in stage_params(stage))
@@ -120,8 +130,18 @@ def test_params_yaml_has_args_for_every_listed_name():
         assert m in METHODS and m in unlearn.method_args
     for o in unlearn.optimizers:
         assert o in OPTIMIZERS and o in unlearn.optimizer_args
-    for a in attack.names:
-        assert a in ATTACKS and a in PARAMS["attack"]
+    for a in [*attack.names, *attack.controls]:
+        assert attack.args(a).kind in ATTACKS and a in PARAMS["attack"]
+
+
+def test_controls_attack_target_and_oracle_and_are_evaluated():
+    """Every control attack runs on both base models and its output is what evaluate_control reads."""
+    for stage in ("attack_control", "evaluate_control"):
+        assert DVC[stage]["matrix"] == {"base": ["target", "oracle"], "attack": "${attack.controls}"}
+    assert "attacked/${item.base}-${item.attack}" in DVC["attack_control"]["outs"]
+    assert "attacked/${item.base}-${item.attack}" in DVC["evaluate_control"]["deps"]
+    assert "--role ${item.base}" in DVC["evaluate_control"]["cmd"]
+    assert "attack.controls" in stage_params("report")
 
 
 def test_every_stage_lists_its_script():

@@ -168,6 +168,7 @@ def _params(tmp_path: Path, seeds: list[int]) -> Path:
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["unlearn"].update(pairs=[{"method": "npo", "optimizer": "adamw"}], seeds=seeds)
     params["attack"]["names"] = ["none"]
+    params["attack"]["controls"] = []
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(params))
     return path

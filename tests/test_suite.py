@@ -405,6 +405,36 @@ def test_max_samples_is_a_deterministic_subset_and_unknown_metrics_fail(tiny_mod
         evaluate_splits(tiny_model, tiny_tokenizer, splits, layout, metrics=["mia"], device="cpu", opts=opts)
 
 
+def test_excluded_rows_are_never_scored_and_the_rest_score_as_alone(tiny_model, tiny_tokenizer):
+    """A relearning attack's pool (``SuiteOptions.exclude``) leaves the split: its rows have no
+    per-sample output, the others keep their indices, and the aggregate equals evaluating the kept
+    rows alone; other splits are untouched; excluding every row is a one-line error."""
+    forget = _qa_rows(6)
+    splits = {
+        "forget": forget,
+        "retain": _qa_rows(2),
+        "world_facts": _options_rows(2),
+        "holdout": _qa_rows(2),
+    }
+    layout = _tofu_layout()
+    opts = SuiteOptions(**{**OPTS.__dict__, "exclude": {"forget": frozenset({0, 3, 4})}})
+    res = evaluate_splits(
+        tiny_model, tiny_tokenizer, splits, layout, metrics=["prob"], device="cpu", opts=opts
+    )
+    assert [r["index"] for r in res.per_sample["forget"]] == [1, 2, 5]
+    alone = evaluate_splits(
+        tiny_model, tiny_tokenizer, {**splits, "forget": [forget[i] for i in (1, 2, 5)]}, layout,
+        metrics=["prob"], device="cpu", opts=OPTS,
+    )  # fmt: skip
+    assert res.aggregates["forget_prob"] == pytest.approx(alone.aggregates["forget_prob"], rel=1e-6)
+    assert res.aggregates["retain_prob"] == alone.aggregates["retain_prob"]
+    everything = SuiteOptions(**{**OPTS.__dict__, "exclude": {"forget": frozenset(range(6))}})
+    with pytest.raises(DataError, match="split 'forget': every row is excluded"):
+        evaluate_splits(
+            tiny_model, tiny_tokenizer, splits, layout, metrics=["prob"], device="cpu", opts=everything
+        )
+
+
 def test_grad_norm_matches_an_independent_per_sample_backward(sharp_model, tiny_tokenizer):
     """Each row's mia_grad_norm = −mean over parameter tensors of ‖∇ mean NLL(answer tokens, final EOS
     out)‖₂, recomputed here one unpadded row at a time with .backward(); the AUC is the fraction of

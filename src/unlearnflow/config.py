@@ -7,6 +7,7 @@ key, the value and what is allowed.
 
 from __future__ import annotations
 
+import itertools
 import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
@@ -284,21 +285,151 @@ class UnlearnConfig(TrainConfig):
         return self.model_copy(update={"seed": seed})
 
 
+class NoArgs(Section):
+    """A method without parameters; its params.yaml entry is ``{}``."""
+
+
+class NoAttackConfig(Section):
+    """``none``: the model as it is, the baseline every attack is compared with."""
+
+    kind: Literal["none"] = "none"
+
+
 class NoiseAttackConfig(Section):
+    """``noise``: Gaussian noise of relative scale σ on every weight matrix (ALGORITHMS.md §4)."""
+
+    kind: Literal["noise"] = "noise"
     sigma: float = Field(0.05, ge=0, description="noise std relative to each weight tensor's RMS")
     seed: int = 0
 
 
-class NoArgs(Section):
-    """An attack (or method) without parameters; its params.yaml entry is ``{}``."""
+class QuantizeAttackConfig(Section):
+    """``quantize``: post-training weight quantization of every Linear but the LM head (ALGORITHMS.md §4).
+
+    ``bnb`` is bitsandbytes, the quantization-attack paper's setting (Zhang et al., ICLR 2025,
+    "Catastrophic Failure of LLM Unlearning via Quantization"): blockwise FP4 / NF4 at 4 bits (the
+    library's default FP4 is the paper's), LLM.int8's row-wise absmax int8 at 8 bits. ``rtn`` is a
+    transparent symmetric round-to-nearest baseline, per group of ``group_size`` input weights of
+    each output row (null: one scale per output row).
+    """
+
+    kind: Literal["quantize"] = "quantize"
+    backend: Literal["bnb", "rtn"] = "bnb"
+    bits: Literal[4, 8] = 4
+    quant_type: Literal["fp4", "nf4"] = Field("fp4", description="bnb 4-bit code book (fp4: the default)")
+    blocksize: Literal[32, 64, 128, 256, 512, 1024, 2048, 4096] = Field(
+        64, description="bnb 4-bit: weights per absmax block (bnb default 64)"
+    )
+    group_size: int | None = Field(
+        128, ge=1, description="rtn: weights per scale along the input dimension; null = per output row"
+    )
+
+
+class LoraConfig(Section):
+    """Low-rank adapters for the relearning attack (Hu et al. 2021, arXiv:2106.09685), merged after."""
+
+    r: int = Field(8, ge=1, description="adapter rank")
+    alpha: float = Field(16.0, gt=0, description="scaling numerator: ΔW = (alpha / r)·BA")
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="Linear module names to adapt, or all-linear (every Linear but the LM head)"
+    )
+
+
+class RelearnAttackConfig(Section):
+    """``relearn``: fine-tune the attacked model on n examples, evaluated on forget rows it never saw.
+
+    The forget split is cut (seeded) into an evaluation part (``eval_fraction`` of its rows) and a
+    relearn pool; ``data: forget`` trains on ``n`` rows of the pool, ``retain`` / ``holdout`` on ``n``
+    rows of that split ("benign" relearning on related data). Whatever the data, the forget
+    metrics are reported on the evaluation part only, after each count in ``steps`` (the recovery
+    curve; step 0 is the model before relearning). ALGORITHMS.md §4.
+    """
+
+    kind: Literal["relearn"] = "relearn"
+    data: Literal["forget", "retain", "holdout"] = "forget"
+    n: int = Field(16, ge=1, description="training examples")
+    eval_fraction: float = Field(0.5, gt=0, lt=1, description="share of forget rows kept for evaluation")
+    steps: list[int] = Field([5, 10, 25, 50], min_length=1, description="curve points; the last ends the run")
+    lr: float = Field(1e-4, gt=0)
+    batch_size: int = Field(4, ge=1)
+    optimizer: str = Field("adamw", description="a first-order optimizer name")
+    optimizer_args: dict[str, Any] = Field({}, description="that optimizer's hyperparameters (betas, …)")
+    weight_decay: float = Field(0.0, ge=0)
+    lora: LoraConfig | None = Field(None, description="null: full fine-tuning")
+    curve_metrics: list[str] = Field(["prob", "rouge"], min_length=1, description="metrics of the curve")
+    seed: int = 0
+
+    @field_validator("steps")
+    @classmethod
+    def _increasing(cls, v: list[int]) -> list[int]:
+        if any(s < 1 for s in v) or any(b <= a for a, b in itertools.pairwise(v)):
+            raise ValueError("steps must be positive and strictly increasing")
+        return v
+
+
+ATTACK_KINDS: dict[str, type[Section]] = {
+    "none": NoAttackConfig,
+    "noise": NoiseAttackConfig,
+    "quantize": QuantizeAttackConfig,
+    "relearn": RelearnAttackConfig,
+}
+AttackArgs = NoAttackConfig | NoiseAttackConfig | QuantizeAttackConfig | RelearnAttackConfig
 
 
 class AttackConfig(Section):
-    """``names`` spans the attack axis of the matrix; one sub-section of arguments per attack."""
+    """``names`` spans the attack axis of the matrix; ``controls`` are also applied to target and oracle.
 
-    names: list[str] = ["none", "noise"]
-    none: NoArgs = NoArgs()
-    noise: NoiseAttackConfig = NoiseAttackConfig()
+    Every other key is one attack's section, named freely (``quantize_4bit``) with its ``kind``
+    (none, noise, quantize, relearn); ``kind`` defaults to the key, so ``noise: {sigma: 0.1}`` is a
+    noise attack. A name without a section is the kind of that name with its defaults.
+    """
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    names: list[str] = Field(["none"], min_length=1, description="attacks of the unlearned models")
+    controls: list[str] = Field([], description="attacks also applied to the target and the oracle")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _sections(cls, raw: Any) -> Any:
+        if not isinstance(raw, dict):
+            return raw
+        for key, value in raw.items():
+            if key not in ("names", "controls"):
+                _attack_section(key, value)
+        for key in ("names", "controls"):
+            for name in raw.get(key) or []:
+                if isinstance(name, str) and name not in raw and name not in ATTACK_KINDS:
+                    raise ValueError(
+                        f"attack.{key}: {name!r} has no section attack.{name} and is no attack kind "
+                        f"({', '.join(ATTACK_KINDS)})"
+                    )
+        return raw
+
+    @field_validator("names", "controls")
+    @classmethod
+    def _distinct(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError("attack names must be distinct (each names a matrix item)")
+        return v
+
+    def args(self, name: str) -> AttackArgs:
+        """The typed section of attack ``name`` (its defaults when it has none)."""
+        return _attack_section(name, (self.model_extra or {}).get(name, {}))  # type: ignore[return-value]
+
+
+def _attack_section(name: str, raw: Any) -> Section:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"attack.{name}: expected a mapping, got {raw!r}")
+    kind = raw.get("kind", name)
+    if kind not in ATTACK_KINDS:
+        raise ConfigError(
+            f"attack.{name}: kind {kind!r} is unknown; allowed kinds: {', '.join(ATTACK_KINDS)}"
+        )
+    return parse_section({**raw, "kind": kind}, f"attack.{name}", ATTACK_KINDS[kind])
 
 
 DEFAULT_METRICS = [

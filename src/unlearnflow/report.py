@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -153,14 +153,23 @@ def _row_order(row: dict) -> tuple:
 
 
 def write_summary(
-    rows: Sequence[dict], groups: Sequence[dict], comparisons: Sequence[dict], path: Path
+    rows: Sequence[dict],
+    groups: Sequence[dict],
+    comparisons: Sequence[dict],
+    path: Path,
+    extra: Mapping[str, Any] | None = None,
 ) -> None:
     """Write ``summary.json`` atomically (NaN as ``NaN``, keys sorted):
 
     ``{"runs": [one row per evaluated model and seed, as collect_rows], "groups": [one per method ×
-    optimizer × attack, and target / oracle, as group_rows], "comparisons": [as compare_groups]}``.
+    optimizer × attack, and target / oracle, as group_rows], "comparisons": [as compare_groups]}``,
+    plus the ``extra`` sections (``controls``, ``robustness``: see ``robustness.summarize``).
     """
-    write_json(path, {"runs": list(rows), "groups": list(groups), "comparisons": list(comparisons)})
+    reserved = {"runs", "groups", "comparisons"} & set(extra or {})
+    if reserved:
+        raise ValueError(f"extra summary sections clash with {sorted(reserved)}")
+    summary = {"runs": list(rows), "groups": list(groups), "comparisons": list(comparisons)}
+    write_json(path, {**summary, **(extra or {})})
 
 
 def metric_columns(rows: Sequence[dict]) -> list[str]:

@@ -308,6 +308,8 @@ def run(
     divergence_limit: float | None = None,
     on_log: Callable[[dict[str, float], int], None] | None = None,
     desc: str = "train",
+    max_steps: int | None = None,
+    on_step: Callable[[int], None] | None = None,
 ) -> TrainResult:
     """Train ``model`` in place with ``method`` × ``optimizer`` on the encoded ``data`` streams.
 
@@ -323,6 +325,9 @@ def run(
         divergence_limit: stop early once |loss| exceeds it (gradient ascent is unbounded).
         on_log: called with each logged row and its step (MLflow logging).
         desc: progress-bar label.
+        max_steps: run exactly this many optimizer steps (data cycling), instead of ``cfg.epochs``.
+        on_step: called with the step count after every optimizer step (the relearning attack
+            evaluates the model at chosen counts), before any early stop.
 
     Returns:
         A ``TrainResult`` with the per-step rows and the run's health flags (also logged as a
@@ -356,7 +361,7 @@ def run(
     # What accelerate's prepared loader will yield per process (it shards batches across processes).
     per_process = math.ceil(len(loaders[0]) / accelerator.num_processes)
     steps_per_epoch = max(1, math.ceil(per_process / cfg.grad_accum_steps))
-    total = max(1, math.ceil(cfg.epochs * steps_per_epoch))
+    total = max_steps if max_steps is not None else max(1, math.ceil(cfg.epochs * steps_per_epoch))
     ctx = TrainContext(
         device=accelerator.device,
         steps_per_epoch=steps_per_epoch,
@@ -456,6 +461,8 @@ def run(
             if on_log is not None:
                 on_log(row, step + 1)
         bar.set_postfix(loss=f"{loss:.4f}")
+        if on_step is not None:
+            on_step(step + 1)
         if divergence_limit is not None and abs(loss) > divergence_limit:
             result.stopped_early = f"|loss|={abs(loss):.4g} exceeded divergence_limit={divergence_limit}"
             log.warning("%s: stopping early at step %d: %s", desc, step + 1, result.stopped_early)

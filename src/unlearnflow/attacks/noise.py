@@ -6,21 +6,21 @@ from typing import ClassVar
 
 import torch
 
-from unlearnflow.attacks import ATTACKS
-from unlearnflow.config import NoArgs, NoiseAttackConfig, Section
+from unlearnflow.attacks import ATTACKS, AttackContext
+from unlearnflow.config import NoAttackConfig, NoiseAttackConfig, Section
 
 
 @ATTACKS.register("none")
 class NoAttack:
     """The unlearned model as it is: the baseline every attack is compared with."""
 
-    Args: ClassVar[type[Section]] = NoArgs
+    Args: ClassVar[type[Section]] = NoAttackConfig
     modifies_weights: ClassVar[bool] = False
 
-    def __init__(self, args: NoArgs) -> None:
+    def __init__(self, args: NoAttackConfig) -> None:
         self.args = args
 
-    def apply(self, model: torch.nn.Module) -> dict[str, float]:
+    def apply(self, model: torch.nn.Module, ctx: AttackContext) -> dict[str, float]:
         return {}
 
 
@@ -60,5 +60,5 @@ class NoiseAttack:
     def __init__(self, args: NoiseAttackConfig) -> None:
         self.args = args
 
-    def apply(self, model: torch.nn.Module) -> dict[str, float]:
+    def apply(self, model: torch.nn.Module, ctx: AttackContext) -> dict[str, float]:
         return {"relative_noise": add_relative_noise(model, sigma=self.args.sigma, seed=self.args.seed)}

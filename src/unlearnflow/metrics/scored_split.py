@@ -54,6 +54,8 @@ class SuiteOptions:
     seed: int = 0
     prompt: PromptFormat = PLAIN
     definitions: str = "reference"  # evaluate.definitions: "reference" (open-unlearning's) | "unlearnflow"
+    # split -> row indices left out (a relearning attack's training pool: never evaluated on)
+    exclude: Mapping[str, frozenset[int]] = field(default_factory=dict)
 
 
 @dataclass

@@ -144,6 +144,10 @@ def evaluate_splits(
                 raise DataError(f"split {name!r} is empty")
             _check_perturbed_flag(name, info, all_rows)
             indices = subsample(len(all_rows), opts.max_samples, opts.seed)
+            if opts.exclude.get(name):
+                indices = indices[~np.isin(indices, sorted(opts.exclude[name]))]
+                if len(indices) == 0:
+                    raise DataError(f"split {name!r}: every row is excluded (a relearning pool?)")
             rows = [all_rows[i] for i in indices]
             applicable = (
                 {m: spec for m, spec in split_metrics.items() if spec.applies(info.kind, info.role, rows)}
