@@ -60,7 +60,7 @@ def sh(cmd: list[str], cwd: Path, env: dict[str, str], log: Path | None = None) 
 
 def setup(workdir: Path, env: dict[str, str]) -> None:
     """A fresh repository with the project's tracked files (once; later runs reuse it)."""
-    if (workdir / ".dvc").is_dir():
+    if (workdir / ".git").is_dir():
         return
     workdir.mkdir(parents=True, exist_ok=True)
     files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
@@ -72,7 +72,8 @@ def setup(workdir: Path, env: dict[str, str]) -> None:
         shutil.copy2(ROOT / name, dst)
     (workdir / ".gitignore").write_text("mlflow.db\nmlruns/\n")
     sh(["git", "init", "-q", "-b", "main"], workdir, env)
-    sh([sys.executable, "-m", "dvc", "init", "-q"], workdir, env)
+    if not (workdir / ".dvc" / "config").is_file():  # the project's own .dvc/ is tracked
+        sh([sys.executable, "-m", "dvc", "init", "-q"], workdir, env)
     sh(["git", "add", "-A"], workdir, env)
     sh(["git", "commit", "-qm", "study"], workdir, env)
 
