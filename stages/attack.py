@@ -61,6 +61,10 @@ def main(
                 for stale in ("run.json", "steps.jsonl", "health.json", ATTACK_FILE):
                     (tmp / stale).unlink(missing_ok=True)  # the upstream run's, not this attack's
             run.log_metrics(stats)
+            for point in ctx.extras.get("curve", []):  # relearning's recovery curve, step by step
+                run.log_metrics(
+                    {f"curve_{k}": v for k, v in point.items() if k != "step"}, step=point["step"]
+                )
             record = {"name": attack, "section": section, "stats": stats, **ctx.extras}
             if (model / WEIGHT_CHANGE_FILE).is_file():
                 record["weight_change"] = read_json(model / WEIGHT_CHANGE_FILE)

@@ -77,11 +77,13 @@ def test_training_rows_come_from_the_pool_or_the_named_split():
         training_rows(RelearnAttackConfig(n=6), pool, [{}] * 10, "forget")
 
 
-def test_a_zeroth_order_relearning_optimizer_is_refused_before_loading():
+def test_bad_relearning_settings_are_refused_before_loading():
     with pytest.raises(ConfigError, match="zeroth-order"):
         relearn(optimizer="zo_sgd")
     with pytest.raises(ConfigError, match=r"attack\.relearn\.optimizer_args\.adamw"):
         relearn(optimizer_args={"betaz": [0.9, 0.99]})
+    with pytest.raises(ConfigError, match="unknown metric 'rogue'"):
+        relearn(curve_metrics=["prob", "rogue"])
 
 
 def test_relearn_trains_only_pool_rows_and_records_the_curve_on_the_held_out_rows(

@@ -1,5 +1,5 @@
 """Bad input through the stage CLIs: one ``error:`` line and exit code 2, never a traceback; and
-evaluate's outputs appear together or not at all.
+evaluate's outputs appear together or not at all; a relearn attack through the attack and evaluate stages.
 
 In process (typer's CliRunner), on a tiny synthetic benchmark and the tiny Llama of conftest, so no
 subprocess pays for importing transformers.
@@ -130,3 +130,41 @@ def test_evaluate_failure_after_samples_leaves_no_output(cwd, monkeypatch):
     assert isinstance(result.exception, OSError), result.output
     assert not (cwd / "eval-fail").exists()
     assert not list(cwd.glob(".eval-fail*"))
+
+
+def test_relearn_attack_writes_its_pool_and_curve_and_evaluate_skips_the_pool(cwd):
+    """The attack stage on a tiny model: attack.json lists the relearn pool and the curve (also an
+    MLflow metric history, one point per step count); evaluate then scores only the held-out forget
+    rows and carries the curve into info.json."""
+    from mlflow.tracking import MlflowClient
+
+    params = yaml.safe_load((cwd / "params.yaml").read_text())
+    params["attack"]["relearn"].update(n=2, steps=[1, 2], batch_size=2, curve_metrics=["prob"])
+    params["evaluate"]["max_samples"] = None
+    (cwd / "params-relearn.yaml").write_text(yaml.safe_dump(params))
+    stage_args = ["--params", "params-relearn.yaml"]
+    args = ["m-o-s0", "relearn", "--model", "model", "--splits", "splits", "--out", "att-relearn"]
+    result = CliRunner().invoke(load_stage("attack").app, [*args, *stage_args])
+    assert result.exit_code == 0, result.output
+    attack = json.loads((cwd / "att-relearn" / "attack.json").read_text())
+    pool = set(attack["exclude"]["forget"])
+    assert [p["step"] for p in attack["curve"]] == [0, 1, 2] and set(attack["trained_rows"]["forget"]) <= pool
+    client = MlflowClient(tracking_uri=f"sqlite:///{cwd / 'mlflow.db'}")
+    run = client.search_runs(
+        [client.get_experiment_by_name("unlearnflow-synthetic").experiment_id],
+        filter_string="tags.mlflow.runName = 'attack-m-o-s0-relearn'",
+    )[0]
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "curve_forget_prob")) == [
+        0,
+        1,
+        2,
+    ]
+
+    evaluate = ["m-o-s0-relearn", "--model", "att-relearn", "--splits", "splits", "--oracle", "self"]
+    result = CliRunner().invoke(load_stage("evaluate").app, [*evaluate, "--out", "eval-relearn", *stage_args])
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in (cwd / "eval-relearn/samples/forget.jsonl").read_text().splitlines()]
+    n_forget = json.loads((cwd / "splits" / "manifest.json").read_text())["counts"]["forget"]
+    assert {r["index"] for r in rows} == set(range(n_forget)) - pool
+    info = json.loads((cwd / "eval-relearn" / "info.json").read_text())
+    assert info["attack_kind"] == "relearn" and info["curve"] == attack["curve"]

@@ -232,6 +232,9 @@ def test_mlflow_has_a_finished_run_per_stage_item(repo):
     assert unlearn.data.tags["upstream.finetune-target"] == by_name["finetune-target"].info.run_id
     assert unlearn.data.params["method.alpha"] == "1.0"
     assert len(client.get_metric_history(unlearn.info.run_id, "loss")) >= 1
+    relearn = by_name["attack-grad_diff-adamw-s0-relearn"]
+    curve = client.get_metric_history(relearn.info.run_id, "curve_forget_prob")
+    assert sorted(m.step for m in curve) == [0, 1, 2]  # the recovery curve, one point per step count
     evaluation = by_name["evaluate-grad_diff-adamw-s0-none"]
     assert "forget_quality" in evaluation.data.metrics
     assert len(by_name["prepare"].inputs.dataset_inputs) >= 5

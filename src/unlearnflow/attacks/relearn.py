@@ -101,7 +101,10 @@ class RelearnAttack:
     modifies_weights: ClassVar[bool] = True
 
     def __init__(self, args: RelearnAttackConfig) -> None:
+        from unlearnflow.metrics.split_metrics import check_metric_names
         from unlearnflow.optim import parse_optimizer_args
+
+        check_metric_names(args.curve_metrics)
 
         # Before any model loads: an unknown optimizer, a bad argument or a gradient-free one.
         spec, _ = parse_optimizer_args(
