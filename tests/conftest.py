@@ -40,12 +40,12 @@ def tiny_tokenizer():
 @pytest.fixture(scope="session")
 def make_tiny_model(tiny_tokenizer):
     """Build a fresh tiny Llama; two calls give identical weights (seed 0). A stateless factory, so
-    session-scoped: module fixtures may use it too."""
+    session-scoped: module fixtures may use it too. Keyword arguments override the config
+    (``make(tie_word_embeddings=False)``)."""
     from unlearnflow.modeling import build_llama
 
-    def make():
-        return build_llama(
-            tiny_tokenizer,
+    def make(**overrides):
+        config = dict(
             hidden_size=32,
             num_layers=2,
             num_heads=4,
@@ -54,6 +54,7 @@ def make_tiny_model(tiny_tokenizer):
             tie_word_embeddings=True,
             seed=0,
         )
+        return build_llama(tiny_tokenizer, **{**config, **overrides})
 
     return make
 

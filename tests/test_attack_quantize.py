@@ -221,21 +221,10 @@ def test_rtn_group_that_does_not_divide_the_width_ends_short():
 
 @pytest.mark.parametrize("name", names(*sorted(CONFIGS)))
 @pytest.mark.parametrize("tied", [True, False])
-def test_only_the_non_head_linears_change(name, tied, tiny_tokenizer):
+def test_only_the_non_head_linears_change(name, tied, make_tiny_model):
     """Every Linear weight but the LM head's changes; embeddings (tied to the head or not), norms
     and everything else stay bit for bit."""
-    from unlearnflow.modeling import build_llama
-
-    model = build_llama(
-        tiny_tokenizer,
-        hidden_size=32,
-        num_layers=2,
-        num_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=128,
-        tie_word_embeddings=tied,
-        seed=0,
-    )
+    model = make_tiny_model(tie_word_embeddings=tied)
     targets = {f"{n}.weight" for n, _ in quantizable_linears(model)}
     assert len(targets) == 2 * 7  # q, k, v, o, gate, up, down per layer; not lm_head
     assert not any("lm_head" in n or "embed" in n or "norm" in n for n in targets)
