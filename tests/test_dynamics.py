@@ -6,8 +6,7 @@ import json
 from pathlib import Path
 
 import yaml
-from helpers import ROOT, load_stage
-from typer.testing import CliRunner
+from helpers import ROOT, run_report_stage
 
 from unlearnflow.dynamics import methods_table, plot_dynamics, read_run
 from unlearnflow.io import write_json, write_jsonl
@@ -92,12 +91,7 @@ def test_report_stage_adds_methods_table_and_dynamics_figure(tmp_path: Path) -> 
     params["unlearn"].update(pairs=[{"method": "pdu", "optimizer": "adamw"}], seeds=[0, 1])
     params["attack"]["names"] = ["none"]
     params["attack"]["controls"] = []
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    args = ["--evals", str(tmp_path / "eval"), "--unlearned", str(tmp_path / "unlearned")]
-    args += ["--out", str(tmp_path / "reports"), "--params", str(tmp_path / "params.yaml")]
-    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
-    result = CliRunner().invoke(load_stage("report").app, args, env=env)
-    assert result.exit_code == 0, result.output
+    run_report_stage(tmp_path, params)
     text = (tmp_path / "reports" / "report.md").read_text()
     assert "## Methods" in text and "| pdu | adamw | 0, 1 |" in text
     assert "![pdu dynamics](dynamics-pdu.png)" in text

@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import ROOT, load_stage
-from typer.testing import CliRunner
+from helpers import ROOT, run_report_stage
 
 from unlearnflow.io import write_json
 from unlearnflow.report import collect_rows
@@ -292,12 +291,7 @@ def test_report_stage_writes_robustness_with_controls(tmp_path: Path) -> None:
         "controls": ["quantize_4bit"],
         "quantize_4bit": {"kind": "quantize", "backend": "rtn", "bits": 4},
     }
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    args = ["--evals", str(tmp_path / "eval"), "--unlearned", str(tmp_path / "unlearned")]
-    args += ["--out", str(tmp_path / "reports"), "--params", str(tmp_path / "params.yaml")]
-    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
-    result = CliRunner().invoke(load_stage("report").app, args, env=env)
-    assert result.exit_code == 0, result.output
+    run_report_stage(tmp_path, params)
     summary = json.loads((tmp_path / "reports" / "summary.json").read_text())
     assert [(r["model"], r["attack"]) for r in summary["controls"]] == [
         ("target", "quantize_4bit"),
