@@ -138,7 +138,12 @@ def main() -> None:
     }
     workdir = args.workdir.resolve()
     setup(workdir, env)
-    base = yaml.safe_load((ROOT / "params.yaml").read_text())
+    # The params the workdir's code was copied with (its first commit), not the project's current
+    # ones: a reused workdir keeps its code, and newer params may hold keys that code does not know.
+    committed = ["git", "show", "HEAD:params.yaml"]
+    base = yaml.safe_load(
+        subprocess.run(committed, cwd=workdir, capture_output=True, text=True, check=True).stdout
+    )
     for regime in args.regimes.split(","):
         params = study_params(
             base,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 
@@ -13,10 +14,11 @@ from unlearnflow.data import splits as split_io
 from unlearnflow.data.tokenize import PromptFormat
 from unlearnflow.errors import DataError, UnlearnflowError
 from unlearnflow.io import atomic_dir, read_json, read_jsonl, write_json, write_jsonl
-from unlearnflow.metrics import SuiteOptions, evaluate_splits, relative_metrics
+from unlearnflow.metrics import SuiteOptions, evaluate_splits, facts, relative_metrics
 from unlearnflow.metrics.relative import check_metrics
 
 app = cli.stage_app(__doc__)
+log = logging.getLogger("evaluate")
 ATTACK_FILE = "attack.json"  # written by the attack stage beside the attacked checkpoint
 
 
@@ -124,8 +126,25 @@ def main(
                 cfg.metrics,
                 oracle_dir=None if reference is None else oracle,
             )
+            # Per-fact answer to the forget request: each generated forget answer leaked / refused /
+            # degenerate / wrong, as per-sample columns, counts and one verdict line (info.json).
+            fact_split = facts.fact_split(layout, result.per_sample)
+            counts: dict[str, float] = {}
+            if fact_split is not None:
+                rows = facts.fact_rows(
+                    result.per_sample[fact_split],
+                    cfg.secret_field,
+                    cfg.leak_threshold,
+                    source_rows=data[fact_split],
+                )
+                result.per_sample[fact_split] = rows
+                counts = facts.fact_counts(rows)
+                info["facts"] = {"split": fact_split, "verdict": facts.verdict(name, rows)}
+                log.info("%s", info["facts"]["verdict"])
+                run.set_tags({"facts.verdict": info["facts"]["verdict"]})
             # An undefined number (no oracle, no such split) is left out, not written as NaN.
-            metrics = {k: v for k, v in {**result.aggregates, **relative}.items() if not math.isnan(v)}
+            every = {**result.aggregates, **relative, **counts}
+            metrics = {k: v for k, v in every.items() if not math.isnan(v)}
             # samples/, info.json and metrics.json (DVC outs and metrics) appear together or not at
             # all: all three go into one temp dir that replaces `out` in a single rename.
             with atomic_dir(out) as tmp:

@@ -1,6 +1,8 @@
 """Stage `report`: one comparison table (mean ± sd over seeds), summary JSON and trade-off plot over
-every evaluated model, with the unlearn runs' health flags, and the robustness tables and plots
-(forget metrics before → after each attack, beside the same attacks on target and oracle)."""
+every evaluated model, with the unlearn runs' health flags, the robustness tables and plots
+(forget metrics before → after each attack, beside the same attacks on target and oracle), and the
+per-fact answer to the forget request (a verdict line per model atop report.md, facts.md); and the
+pipeline's DVC metrics, a headline per model group (``--headline``)."""
 
 from __future__ import annotations
 
@@ -9,9 +11,10 @@ from pathlib import Path
 
 import typer
 
-from unlearnflow import cli, dynamics, report, robustness, spread, tracking
+from unlearnflow import cli, dynamics, report, report_facts, report_plot, robustness, spread, tracking
 from unlearnflow.config import AttackConfig, UnlearnConfig, load_section
-from unlearnflow.io import atomic_dir
+from unlearnflow.headline import headline as headline_metrics
+from unlearnflow.io import atomic_dir, write_json
 
 app = cli.stage_app(__doc__)
 log = logging.getLogger("report")
@@ -24,6 +27,9 @@ def main(
         ..., help="directory holding one unlearn output (health.json, item.json, steps.jsonl) per item"
     ),
     out: Path = typer.Option(..., help="report directory to write"),
+    headline: Path = typer.Option(
+        None, help="the DVC metrics file to write: a few headline metrics per model group (docs/remote.md)"
+    ),
     params: Path = typer.Option(Path("params.yaml"), help="params file"),
 ) -> None:
     """Collect the metrics of target, oracle and every unlearned × attacked model (each seed) into one
@@ -46,6 +52,9 @@ def main(
         rows = [r for r in every if not robustness.is_control(r)]
         records = robustness.attach_attack_info(every, [evals / n for n in names])
         kinds = {a: attack.args(a).kind for a in dict.fromkeys([*attack.names, *attack.controls])}
+        # Per-fact outcomes of every model, in report order (target, oracle, items, controls).
+        facts = [f for n in names if (f := report_facts.read_facts(evals / n)) is not None]
+        baseline = next((a for a in attack.names if kinds[a] == "none"), None)
         robust = robustness.summarize(records, attack.names, attack.controls, kinds)
         groups = spread.group_rows(rows)
         comparisons = spread.compare_groups(groups)
@@ -87,9 +96,20 @@ def main(
                 controls = [r for r in every if robustness.is_control(r)]
                 sections = {"controls": controls, "robustness": robust}
                 report.write_summary(rows, groups, comparisons, tmp / "summary.json", sections)
-                report.write_markdown(every, groups, comparisons, tmp / "report.md", extra)
-                report.plot_tradeoff(groups, tmp / "tradeoff.png")
+                report.write_markdown(
+                    every,
+                    groups,
+                    comparisons,
+                    tmp / "report.md",
+                    extra,
+                    top=report_facts.verdict_lines(facts),
+                )
+                if facts:
+                    report_facts.write_facts_markdown(facts, tmp / "facts.md", baseline)
+                report_plot.plot_tradeoff(groups, tmp / "tradeoff.png")
                 run.write_manifest(tmp / "run.json")
+            if headline is not None:
+                write_json(headline, headline_metrics(groups, controls, baseline))
             for path in sorted(out.iterdir()):
                 if path.suffix in (".json", ".md", ".png") and path.name != "run.json":
                     run.log_artifact(path)

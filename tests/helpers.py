@@ -55,13 +55,15 @@ def mean_prob(model, tok, pairs) -> float:
 
 def run_report_stage(root: Path, params: dict) -> None:
     """Write ``params`` to ``root/params.yaml`` and run the report stage in process over ``root/eval``
-    and ``root/unlearned`` into ``root/reports`` (MLflow in ``root/mlflow.db``); it must succeed."""
+    and ``root/unlearned`` into ``root/reports`` and ``root/metrics.json`` (MLflow in
+    ``root/mlflow.db``); it must succeed."""
     import yaml
     from typer.testing import CliRunner
 
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     args = ["--evals", str(root / "eval"), "--unlearned", str(root / "unlearned")]
     args += ["--out", str(root / "reports"), "--params", str(root / "params.yaml")]
+    args += ["--headline", str(root / "metrics.json")]
     env = {"MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}"}
     result = CliRunner().invoke(load_stage("report").app, args, env=env)
     assert result.exit_code == 0, result.output

@@ -1089,3 +1089,81 @@ def test_custom_file_errors(tmp_path: Path) -> None:
     bom = tmp_path / "bom.jsonl"
     bom.write_bytes(b"\xef\xbb\xbf" + json.dumps(qa("f", 1)[0]).encode() + b"\n")
     assert custom.load(custom_cfg(bom, retain)).splits["forget"] == qa("f", 1)
+
+
+def test_custom_secret_is_checked_and_kept_as_a_list(tmp_path: Path) -> None:
+    """A QA row's ``secret`` (a string or a list of strings, found in the answer ignoring case, spacing
+    and punctuation) is kept as a list; rows without one stay plain; the retain file may mark too."""
+    forget = write_jsonl(
+        tmp_path / "forget.jsonl",
+        [
+            {
+                "question": "Where does A live?",
+                "answer": "A lives at 42 Larchmere Lane, Port Alderwick.",
+                "secret": "42 larchmere LANE",
+            },
+            {
+                "prompt": "What does A have?",
+                "response": "A has type-1 diabetes.",
+                "secret": ["type 1 diabetes", "A"],
+            },
+            {"question": "Where was A born?", "answer": "In Meriholm."},
+        ],
+    )
+    retain = write_jsonl(tmp_path / "retain.jsonl", [{**qa("r", 1)[0], "secret": "r a0"}])
+    bench = custom.load(custom_cfg(forget, retain))
+    assert [r.get("secret") for r in bench.splits["forget"]] == [
+        ["42 larchmere LANE"],
+        ["type 1 diabetes", "A"],
+        None,
+    ]
+    assert bench.splits["forget"][2] == {"question": "Where was A born?", "answer": "In Meriholm."}
+    assert bench.splits["retain"][0]["secret"] == ["r a0"]
+    check_serialisable(bench)
+
+
+@pytest.mark.parametrize(
+    ("row", "match"),
+    [
+        (
+            {"question": "q", "answer": "He lives at 42 Larchmere Lane.", "secret": "43 Larchmere Lane"},
+            r"forget\.jsonl row 2: secret '43 Larchmere Lane' does not occur in the answer 'He lives at 42 "
+            r"Larchmere Lane\.' \(compared ignoring case, spacing and punctuation\)",
+        ),
+        (
+            {"question": "q", "answer": "Larchmere Lanes", "secret": "Larchmere Lane"},  # whole words
+            r"forget\.jsonl row 2: secret 'Larchmere Lane' does not occur in the answer",
+        ),
+        (
+            {"question": "q", "answer": "a", "secret": 42},
+            r"row 2: 'secret' must be a string or a non-empty list",
+        ),
+        (
+            {"question": "q", "answer": "a", "secret": []},
+            r"row 2: 'secret' must be a string or a non-empty list",
+        ),
+        (
+            {"question": "q", "answer": "a", "secret": "  ...  "},
+            r"row 2: 'secret' '  \.\.\.  ' has no word to match",
+        ),
+    ],
+)
+def test_custom_secret_errors(tmp_path: Path, row: dict[str, Any], match: str) -> None:
+    forget = write_jsonl(tmp_path / "forget.jsonl", [*qa("f", 1), row])
+    retain = write_jsonl(tmp_path / "retain.jsonl", qa("r", 1))
+    with pytest.raises(UnlearnflowError, match=match) as e:
+        custom.load(custom_cfg(forget, retain))
+    one_line(e)
+
+
+def test_custom_secret_on_plain_text_is_an_error(tmp_path: Path) -> None:
+    forget = write_jsonl(
+        tmp_path / "forget.jsonl", [{"text": "a passage"}, {"text": "another", "secret": "another"}]
+    )
+    retain = write_jsonl(tmp_path / "retain.jsonl", [{"text": "kept"}])
+    with pytest.raises(
+        UnlearnflowError,
+        match=r"forget\.jsonl row 2: 'secret' marks part of an answer, but this file holds plain text",
+    ) as e:
+        custom.load(custom_cfg(forget, retain))
+    one_line(e)

@@ -134,7 +134,9 @@ def test_unknown_method_lists_known_ones(tmp_path):
         ],
     )
     assert result.exit_code == 2
-    assert "unknown method 'no_such_method'; known:" in result.output and "grad_ascent" in result.output
+    assert "unknown unlearning method 'no_such_method'; known:" in result.output
+    known = _known_names(result.output.strip())
+    assert "grad_ascent" in known and "sft" not in known
 
 
 def test_finetune_adopts_a_ready_checkpoint_without_training(
@@ -307,3 +309,127 @@ def test_item_config_overrides_lr_and_epochs_optimizer_over_method_over_unlearn(
             "grad_diff",
             "adamw",
         )
+
+
+@pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o644), (0o002, 0o664)])
+def test_saved_model_files_get_ordinary_permissions(tmp_path, tiny_model, tiny_tokenizer, umask, mode):
+    """Every file ``save_pretrained`` writes is 0o666 & ~umask, as ``open`` makes it: safetensors
+    alone writes ``model.safetensors`` 0600, unreadable to another user or a serving process."""
+    import os
+
+    from unlearnflow.modeling import save_pretrained
+
+    old = os.umask(umask)
+    try:
+        save_pretrained(tiny_model, tiny_tokenizer, tmp_path / "model")
+    finally:
+        os.umask(old)
+    modes = {f.name: oct(f.stat().st_mode & 0o777) for f in (tmp_path / "model").iterdir()}
+    assert "model.safetensors" in modes and set(modes.values()) == {oct(mode)}, modes
+
+
+def _known_names(message: str) -> list[str]:
+    return message.rpartition("known: ")[2].split(", ")
+
+
+def test_unknown_unlearning_method_lists_unlearning_methods_only():
+    """The unknown-name error of each place that takes an unlearning method (the unlearn stage's
+    item_config, the pairs product) lists the unlearning methods, without finetune's ``sft``."""
+    from unlearnflow.matrix import item_config, product_pairs, unlearning_methods
+
+    with pytest.raises(ConfigError) as err:
+        item_config(UnlearnConfig(), "grad_acent", "adamw")
+    assert "'grad_acent'" in str(err.value) and _known_names(str(err.value)) == unlearning_methods()
+    assert "grad_diff" in unlearning_methods() and "sft" not in unlearning_methods()
+    with pytest.raises(ConfigError) as err:
+        product_pairs(["sft"], ["adamw"])
+    assert "not an unlearning method" in str(err.value) and "sft" not in _known_names(str(err.value))
+
+
+def test_unlearn_stage_refuses_sft_in_one_line(tmp_path, monkeypatch):
+    """``sft`` is registered (finetune and the relearn attack train with it) but is no unlearning
+    method: the unlearn stage run by hand refuses it before loading anything, in one line."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    args = ["--model", "nomodel", "--splits", "splits", "--out", "out", "--params", "params.yaml"]
+    result = CliRunner().invoke(load_stage("unlearn").app, ["sft", "adamw", *args])
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 2 and len(lines) == 1, result.output
+    assert lines[0].startswith(
+        "error: unknown unlearning method 'sft' (a fine-tuning loss, not an unlearning"
+    )
+    assert "sft" not in _known_names(lines[0]) and not (tmp_path / "out").exists()
+
+
+def _check_params_in(tmp_path, monkeypatch, benchmark: dict):
+    """Run check_params in process from ``tmp_path`` (the project root) on params with ``benchmark``."""
+    monkeypatch.chdir(tmp_path)
+    params = _params_with(tmp_path, lambda p: p.update(benchmark={**p["benchmark"], **benchmark}))
+    out = tmp_path / "checked.json"
+    result = CliRunner().invoke(load_stage("check_params").app, ["--out", str(out), "--params", str(params)])
+    return result, [line for line in result.output.splitlines() if line.strip()], out
+
+
+@pytest.mark.parametrize(
+    ("benchmark", "key", "value"),
+    [
+        (
+            {
+                "name": "custom",
+                "custom": {"forget": "/srv/requests/forget.jsonl", "retain": "inputs/r.jsonl"},
+            },
+            "benchmark.custom.forget",
+            "/srv/requests/forget.jsonl",
+        ),
+        (
+            {"name": "custom", "custom": {"forget": "inputs/f.jsonl", "retain": "data/r.jsonl"}},
+            "benchmark.custom.retain",
+            "data/r.jsonl",
+        ),
+        (  # `..` is collapsed: this is beside inputs/, not in it
+            {"name": "custom", "custom": {"forget": "inputs/../f.jsonl", "retain": "inputs/r.jsonl"}},
+            "benchmark.custom.forget",
+            "inputs/../f.jsonl",
+        ),
+        ({"name": "tofu", "source": "./tofu-copy"}, "benchmark.source", "./tofu-copy"),
+        (
+            {"name": "wmdp", "source": "cais/wmdp", "wmdp": {"forget_corpus": ["./corpora:bio-forget"]}},
+            "benchmark.wmdp.forget_corpus[0]",
+            "./corpora:bio-forget",
+        ),
+    ],
+)
+def test_check_params_refuses_local_inputs_outside_inputs_dir(tmp_path, monkeypatch, benchmark, key, value):
+    """A local file the benchmark reads from outside inputs/ (prepare's DVC dep) is refused in one
+    line naming the key, the value and where to put it: DVC would never see an edit to it."""
+    result, lines, out = _check_params_in(tmp_path, monkeypatch, benchmark)
+    assert result.exit_code == 2 and len(lines) == 1, result.output
+    assert lines[0] == (
+        f"error: {key}={value!r} is outside inputs/, so DVC would not see edits to it: "
+        "move it under inputs/ (docs/benchmarks.md)"
+    )
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "benchmark",
+    [
+        {"name": "custom", "custom": {"forget": "inputs/f.jsonl", "retain": "inputs/sub/r.jsonl"}},
+        {"name": "custom", "custom": {"forget": "./inputs/f.jsonl", "retain": "inputs/r.jsonl"}},
+        {"name": "tofu", "source": "locuslab/TOFU"},  # a hub id is not a path
+        {"name": "tofu", "source": "inputs/tofu"},
+        # custom paths are unread by the synthetic benchmark
+        {"name": "synthetic", "custom": {"forget": "/srv/f.jsonl", "retain": "/srv/r.jsonl"}},
+    ],
+)
+def test_check_params_accepts_inputs_under_inputs_dir_and_hub_ids(tmp_path, monkeypatch, benchmark):
+    result, _, out = _check_params_in(tmp_path, monkeypatch, benchmark)
+    assert result.exit_code == 0, result.output
+    assert out.exists()
+
+
+def test_check_params_accepts_an_absolute_path_into_inputs_dir(tmp_path, monkeypatch):
+    custom = {"forget": str(tmp_path / "inputs" / "f.jsonl"), "retain": "inputs/r.jsonl"}
+    result, _, out = _check_params_in(tmp_path, monkeypatch, {"name": "custom", "custom": custom})
+    assert result.exit_code == 0, result.output
+    assert out.exists()

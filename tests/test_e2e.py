@@ -6,6 +6,7 @@ import json
 import math
 import os
 import shutil
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -83,19 +84,21 @@ def sh(args: list[str], cwd: Path, env: dict[str, str]) -> str:
     return proc.stdout + proc.stderr
 
 
-@pytest.fixture(scope="module")
-def repo(tmp_path_factory):
-    """A fresh git + DVC repo holding the project's pipeline files and a shrunken params.yaml."""
-    repo = tmp_path_factory.mktemp("e2e")
-    for item in ("dvc.yaml", "stages", "src", ".dvcignore"):
+def new_repo(path: Path, params: dict, message: str) -> tuple[dict[str, str], list[str]]:
+    """A fresh git + DVC repo at ``path`` holding the project's pipeline files and ``params``."""
+    for item in ("dvc.yaml", "stages", "src", "inputs", ".dvcignore"):
         src = ROOT / item
         if src.is_dir():
-            shutil.copytree(src, repo / item, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+            shutil.copytree(
+                src,
+                path / item,
+                ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"),
+                dirs_exist_ok=True,
+            )
         else:
-            shutil.copy(src, repo / item)
-    params = merge(yaml.safe_load((ROOT / "params.yaml").read_text()), SHRINK)
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    (repo / ".gitignore").write_text("mlflow.db\nmlruns/\n")
+            shutil.copy(src, path / item)
+    (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (path / ".gitignore").write_text("mlflow.db\nmlruns/\n")
     env = {
         **os.environ,
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
@@ -109,10 +112,18 @@ def repo(tmp_path_factory):
     }
     env.pop("MLFLOW_TRACKING_URI", None)
     dvc = [sys.executable, "-m", "dvc"]
-    sh(["git", "init", "-q", "-b", "main"], repo, env)
-    sh([*dvc, "init", "-q"], repo, env)
-    sh(["git", "add", "-A"], repo, env)
-    sh(["git", "commit", "-qm", "pipeline"], repo, env)
+    sh(["git", "init", "-q", "-b", "main"], path, env)
+    sh([*dvc, "init", "-q"], path, env)
+    sh(["git", "add", "-A"], path, env)
+    sh(["git", "commit", "-qm", message], path, env)
+    return env, dvc
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    """A fresh repo with a shrunken params.yaml, after `dvc repro`."""
+    repo = tmp_path_factory.mktemp("e2e")
+    env, dvc = new_repo(repo, merge(yaml.safe_load((ROOT / "params.yaml").read_text()), SHRINK), "pipeline")
     out = sh([*dvc, "repro"], repo, env)
     return repo, env, dvc, out
 
@@ -157,6 +168,9 @@ def test_repro_writes_the_report(repo):
     for png in ("tradeoff.png", "dynamics-pdu.png", "robustness-quantize.png", "relearn.png"):
         assert (path / "reports" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
     assert not (path / "reports" / "dynamics-grad_diff.png").exists()  # no diagnostics to plot
+    # The per-fact answer to the request: a verdict per model atop the report, fact by fact beside it.
+    assert "facts no longer produced" in table.split("## ")[0]
+    assert "## grad_diff-adamw-s0" in (path / "reports" / "facts.md").read_text()
     state = json.loads((path / "unlearned" / "pdu-adamw-s0" / "method_state.json").read_text())
     assert state["lambda"] >= 0.0
 
@@ -165,10 +179,17 @@ def test_metrics_and_per_sample_files(repo):
     path, _, _, _ = repo
     for name in ["target", "oracle", *item_names(), *CONTROLS]:
         metrics = json.loads((path / "eval" / name / "metrics.json").read_text())
-        assert {"forget_quality", "model_utility", "forget_prob", "retain_rouge"} <= metrics.keys()
+        assert {
+            "forget_quality",
+            "model_utility",
+            "forget_prob",
+            "retain_rouge",
+            "facts_leaked",
+        } <= metrics.keys()
         samples = path / "eval" / name / "samples"
         forget = [json.loads(line) for line in (samples / "forget.jsonl").read_text().splitlines()]
         assert all(math.isfinite(r["truth_ratio"]) for r in forget)
+        assert {r["fact_outcome"] for r in forget} <= {"leaked", "refused", "degenerate", "wrong"}
         if name.endswith("-relearn"):
             # Relearning's pool (half the forget rows) is never evaluated; its curve is on the rest.
             attack = json.loads((path / "attacked" / name / "attack.json").read_text())
@@ -194,7 +215,10 @@ def test_metrics_and_per_sample_files(repo):
         "attacked/grad_diff-adamw-s0-quantize_4bit",
         "attacked/oracle-relearn",
     ):
-        assert (path / model / "model.safetensors").exists(), model
+        weights = path / model / "model.safetensors"
+        mask = os.umask(0)
+        os.umask(mask)
+        assert stat.S_IMODE(weights.stat().st_mode) == 0o666 & ~mask, model  # not safetensors' 0600
     # Target and oracle share one tokenizer: it is trained deterministically from the same corpus.
     assert (path / "models/target/tokenizer.json").read_bytes() == (
         path / "models/oracle/tokenizer.json"
@@ -223,6 +247,15 @@ def test_mlflow_has_a_finished_run_per_stage_item(repo):
     expected |= {f"attack-{n}" for n in CONTROLS} | {f"evaluate-{n}" for n in CONTROLS}
     assert expected <= by_name.keys()
     assert all(r.info.status == "FINISHED" for r in runs)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI opens on runs
+    # One `dvc repro` is one parent run with every stage run nested under it.
+    parents = [r for r in runs if r.data.tags["unlearnflow.stage"] == "pipeline"]
+    assert len(parents) == 1 and parents[0].info.run_name.startswith("repro-"), [
+        p.info.run_name for p in parents
+    ]
+    children = [r for r in runs if r is not parents[0]]
+    assert {r.data.tags.get("mlflow.parentRunId") for r in children} == {parents[0].info.run_id}
+    assert parents[0].info.end_time >= max(r.info.end_time for r in children)
     unlearn = by_name["unlearn-grad_diff-adamw-s1"]
     assert unlearn.data.tags["unlearnflow.item"] == "grad_diff-adamw-s1"
     # The tag is DVC's own stage name, so a run can be found from `dvc exp show` / `dvc.lock`.
@@ -260,15 +293,25 @@ def test_a_method_override_reruns_that_method_only(repo):
 
 def test_exp_run_reruns_only_what_changed(repo):
     path, env, dvc, _ = repo
+    # The repro's dvc.lock and metrics committed (docs/remote.md): the baseline row of `exp show`.
+    sh(["git", "add", "-A"], path, env)
+    sh(["git", "commit", "-qm", "repro results"], path, env)
     out = sh([*dvc, "exp", "run", "-S", "unlearn.lr=0.0005"], path, env)
     assert "Stage 'prepare' didn't change, skipping" in out
     assert "Stage 'finetune@target' didn't change, skipping" in out
     assert "Stage 'evaluate_base@oracle' didn't change, skipping" in out
     assert "Running stage 'unlearn@pair1-0'" in out  # pairs[1] = pdu × adamw, seed 0
-    text = sh([*dvc, "exp", "show", "--json"], path, env)
-    for name in item_names():
-        assert f"eval/{name}/metrics.json" in text
-    assert "forget_quality" in text and "model_utility" in text
+    # The DVC metrics are the report's headline (metric first, per group), so the comparison fits a
+    # terminal and --keep finds a metric by name.
+    headline = json.loads((path / "metrics.json").read_text())
+    assert {"forget_prob", "forget_quality", "model_utility", "facts_leaked"} <= headline.keys()
+    assert {"target", "oracle", "grad_diff-adamw", "pdu-adamw-relearn"} <= headline["model_utility"].keys()
+    csv = sh([*dvc, "exp", "show", "--csv", "--only-changed", "--keep", "model_utility"], path, env)
+    header = csv.splitlines()[0].split(",")
+    assert "model_utility.target" in header  # unchanged by the lr, kept by --keep
+    assert "forget_prob.pdu-adamw" in header  # changed by the lr
+    assert "forget_prob.target" not in header  # unchanged: dropped by --only-changed
+    assert not any("eval/" in column for column in header)
 
 
 def test_queued_experiments_track_into_the_project_store(repo):
@@ -319,3 +362,76 @@ def test_queued_experiments_track_into_the_project_store(repo):
             if r.data.params["schedule_from.lr"] == "unlearn.lr"
         ), name
         assert all(r.data.tags["dvc.exp_baseline_rev"] for r in runs), name
+        # Each queued experiment is one parent run, named by the experiment, over its stage runs.
+        parent = [r for r in runs if r.data.tags["unlearnflow.stage"] == "pipeline"]
+        assert [r.info.run_name for r in parent] == [name]
+        assert {r.data.tags.get("mlflow.parentRunId") for r in runs if r not in parent} == {
+            parent[0].info.run_id
+        }
+
+
+def test_checkpoints_and_splits_round_trip_through_a_dvc_remote(repo, tmp_path):
+    """docs/remote.md: push to a local remote, clone, pull: the clone is up to date without rerunning."""
+    path, env, dvc, _ = repo
+    remote = tmp_path / "remote"
+    sh([*dvc, "remote", "add", "-d", "local", str(remote)], path, env)
+    sh(["git", "add", "-A"], path, env)
+    sh(["git", "commit", "-qm", "results and remote"], path, env)
+    sh([*dvc, "push"], path, env)
+    clone = tmp_path / "clone"
+    sh(["git", "clone", "-q", str(path), str(clone)], tmp_path, env)
+    assert not (clone / "models" / "target").exists()  # checkpoints are not in git
+    sh([*dvc, "pull"], clone, env)
+    assert (clone / "models/target/model.safetensors").read_bytes() == (
+        path / "models/target/model.safetensors"
+    ).read_bytes()
+    assert (clone / "data/splits/forget.jsonl").is_file()
+    status = json.loads(sh([*dvc, "status", "--json"], clone, env))
+    assert status == {}, status
+
+
+@pytest.fixture(scope="module")
+def custom_repo(tmp_path_factory):
+    """A fresh repo whose benchmark is the privacy-request example copied into inputs/; prepare only."""
+    repo = tmp_path_factory.mktemp("custom")
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["benchmark"]["name"] = "custom"
+    params["benchmark"]["custom"] |= {"forget": "inputs/forget.jsonl", "retain": "inputs/retain.jsonl"}
+    (repo / "inputs").mkdir()
+    for name in ("forget.jsonl", "retain.jsonl"):
+        shutil.copy(ROOT / "examples" / "privacy-request" / name, repo / "inputs" / name)
+    env, dvc = new_repo(repo, params, "privacy request")
+    sh([*dvc, "repro", "prepare"], repo, env)
+    return repo, env, dvc
+
+
+def test_editing_the_forget_file_reruns_prepare(custom_repo):
+    path, env, dvc = custom_repo
+    assert json.loads(sh([*dvc, "status", "--json", "prepare"], path, env)) == {}
+    forget = path / "inputs" / "forget.jsonl"
+    rows = [json.loads(line) for line in forget.read_text().splitlines()]
+    rows[0]["answer"] = rows[0]["answer"].replace("42 Larchmere Lane", "7 Larchmere Lane")
+    rows[0]["secret"] = "7 Larchmere Lane, Port Alderwick"
+    forget.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    status = json.loads(sh([*dvc, "status", "--json", "prepare"], path, env))
+    assert "prepare" in status, status
+    sh([*dvc, "repro", "prepare"], path, env)
+    assert "7 Larchmere Lane" in (path / "data/splits/forget.jsonl").read_text()
+    assert "42 Larchmere Lane" not in (path / "data/splits/forget.jsonl").read_text()
+
+
+def test_a_forget_file_outside_inputs_is_refused(custom_repo, tmp_path):
+    path, env, dvc = custom_repo
+    outside = tmp_path / "forget.jsonl"
+    shutil.copy(path / "inputs" / "forget.jsonl", outside)
+    params = path / "params.yaml"
+    original = params.read_text()
+    changed = yaml.safe_load(original)
+    changed["benchmark"]["custom"]["forget"] = str(outside)
+    params.write_text(yaml.safe_dump(changed, sort_keys=False))
+    try:
+        proc = subprocess.run([*dvc, "repro", "prepare"], cwd=path, env=env, capture_output=True, text=True)
+    finally:
+        params.write_text(original)
+    assert proc.returncode != 0
+    assert "outside inputs/" in proc.stdout + proc.stderr

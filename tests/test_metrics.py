@@ -235,3 +235,85 @@ def test_privleak_muse_convention():
     assert mia.privleak(0.875, None) == pytest.approx(-75.0)
     assert mia.privleak(0.3, 0.3) == pytest.approx(0.0)
     assert mia.privleak(0.5, 0.25) == pytest.approx(-100 / 3)
+
+
+# --- the warning when membership inference has no non-members (issue 12) ---------------------------
+
+
+def _custom_bench(tmp_path, holdout: bool = False):
+    """A user's own QA forget / retain files (and optionally a holdout), loaded as the pipeline does."""
+    from unlearnflow.config import BenchmarkConfig
+    from unlearnflow.data import custom
+    from unlearnflow.io import write_jsonl
+
+    files = {}
+    for name in ("forget", "retain", *(("holdout",) if holdout else ())):
+        rows = [{"question": f"{name} q{i}?", "answer": f"{name} answer {i}."} for i in range(2)]
+        files[name] = str(tmp_path / f"{name}.jsonl")
+        write_jsonl(tmp_path / f"{name}.jsonl", rows)
+    return custom.load(BenchmarkConfig(name="custom", custom=files))
+
+
+def test_missing_mia_warning_names_the_holdout_file_on_custom_data(tmp_path):
+    """Custom data without a holdout: the one-line warning says that benchmark.custom.holdout would
+    enable the attacks. Other layouts without member / non-member splits (TOFU without its holdout,
+    WMDP) get the plain line: the custom key means nothing to them."""
+    from unlearnflow.data.benchmark import Layout, SplitInfo
+    from unlearnflow.metrics.suite import is_custom_layout, missing_mia_warning
+
+    requested = {"privleak", "mia_min_k"}
+    custom_layout = _custom_bench(tmp_path).layout
+    line = missing_mia_warning(requested, custom_layout)
+    assert line.startswith("metrics ['mia_min_k', 'privleak'] need member / non-member splits")
+    assert "benchmark.custom.holdout" in line and "never trained on" in line and "\n" not in line
+    assert is_custom_layout(_custom_bench(tmp_path / "h", holdout=True).layout)
+    tofu_like = Layout(
+        info={
+            "forget": SplitInfo("qa", "forget"),
+            "retain": SplitInfo("qa", "utility"),
+            "retain_train": SplitInfo("qa", "train"),
+        },
+        train={"target": ["forget", "retain_train"], "oracle": ["retain_train"]},
+        unlearn={"forget": "forget", "retain": "retain_train"},
+        mia=None,
+        forget_quality="forget",
+    )
+    wmdp_like = Layout(
+        info={
+            "bio": SplitInfo("mcq", "forget"),
+            "forget_corpus": SplitInfo("text", "train"),
+            "retain_corpus": SplitInfo("text", "train"),
+        },
+        train={"target": ["forget_corpus", "retain_corpus"], "oracle": ["retain_corpus"]},
+        unlearn={"forget": "forget_corpus", "retain": "retain_corpus"},
+        mia=None,
+        forget_quality=None,
+    )
+    for other in (tofu_like, wmdp_like):
+        assert not is_custom_layout(other)
+        assert missing_mia_warning(requested, other) == (
+            "metrics ['mia_min_k', 'privleak'] need member / non-member splits, which this benchmark lacks"
+        )
+
+
+def test_evaluate_logs_the_holdout_hint_once_on_custom_data(tmp_path, tiny_model, tiny_tokenizer, caplog):
+    """The suite itself logs that line when custom data without a holdout asks for MIA metrics, and
+    computes the rest (forget_prob) regardless."""
+    import logging
+
+    from unlearnflow.metrics import SuiteOptions, evaluate_splits
+
+    bench = _custom_bench(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="unlearnflow.metrics.suite"):
+        res = evaluate_splits(
+            tiny_model,
+            tiny_tokenizer,
+            bench.splits,
+            bench.layout,
+            metrics=["prob", "mia_loss", "privleak"],
+            device="cpu",
+            opts=SuiteOptions(batch_size=2, max_length=32),
+        )
+    hints = [r.getMessage() for r in caplog.records if "member / non-member" in r.getMessage()]
+    assert len(hints) == 1 and "benchmark.custom.holdout" in hints[0], hints
+    assert "forget_prob" in res.aggregates and "mia_loss" not in res.aggregates

@@ -252,3 +252,31 @@ def test_check_params_tracks_the_whole_file_and_runs_before_prepare():
     assert check["params"] == [{"params.yaml": None}]
     (marker,) = check["outs"]
     assert marker in DVC["prepare"]["deps"]
+
+
+def test_params_yaml_survives_dvc_set_param(tmp_path):
+    """``dvc exp run -S key=value`` rewrites params.yaml through ruamel's round trip (dvc 3.67
+    ``utils/hydra.py::apply_overrides``, called by ``repo/experiments/queue/base.py::_update_params``):
+    with no override the file comes back byte for byte (no ``null`` emptied, no list re-indented, no
+    comment dropped), and overrides change only their own lines."""
+    from dvc.utils.hydra import apply_overrides
+
+    original = (ROOT / "params.yaml").read_text()
+    path = tmp_path / "params.yaml"
+    path.write_text(original)
+    apply_overrides(path, [])
+    assert path.read_text() == original
+    apply_overrides(path, ["unlearn.lr=1.0e-4", "benchmark.source=inputs/tofu"])
+    before, after = original.splitlines(), path.read_text().splitlines()
+    assert len(after) == len(before)
+    changed = [new.split("#")[0].strip() for old, new in zip(before, after, strict=True) if old != new]
+    assert changed == ["source: inputs/tofu", "lr: 0.0001"]
+
+
+def test_prepare_depends_on_the_inputs_folder():
+    """prepare reads the user's files from inputs/ (check_params refuses them elsewhere), so the folder
+    is its DVC dep, and it exists in every clone (its README is tracked), or `dvc repro` would fail."""
+    from unlearnflow.config import INPUTS_DIR
+
+    assert INPUTS_DIR in DVC["prepare"]["deps"]
+    assert (ROOT / INPUTS_DIR / "README.md").is_file()

@@ -18,10 +18,10 @@ from unlearnflow.report import (
     collect_rows,
     format_mean_sd,
     format_value,
-    plot_tradeoff,
     write_markdown,
     write_summary,
 )
+from unlearnflow.report_plot import plot_tradeoff
 from unlearnflow.spread import P_FLOOR, compare_groups, group_rows
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -438,3 +438,158 @@ def test_tradeoff_falls_back_to_privleak_without_forget_quality(tmp_path: Path, 
     plot_tradeoff(group_rows(rows), path)
     assert path.read_bytes()[:8] == PNG_MAGIC
     assert labels == ["privleak (0 = oracle, −100 = forget set recognised)"]
+
+
+# --- data without a truth-ratio oracle (issue 12: custom QA, no paraphrases, no holdout) -------------
+
+FACTS = {"facts_total": 20.0, "facts_refused": 0.0, "facts_degenerate": 14.0, "facts_wrong": 0.0}
+
+
+def _custom_rows() -> list[dict]:
+    """What evaluate writes for a user's own forget set: model_utility, forget prob / ROUGE and the
+    per-fact counts; no forget_quality, privleak or mia_* (no truth ratios, no holdout)."""
+
+    def row(ids: dict, mu: float, prob: float, rouge: float, leaked: float) -> dict:
+        facts = {**FACTS, "facts_leaked": leaked, "facts_leak_rate": leaked / 20}
+        return {
+            **ids,
+            "health": None,
+            "model_utility": mu,
+            "forget_prob": prob,
+            "forget_rouge": rouge,
+            **facts,
+        }
+
+    return [
+        row({"model": "target", **NONE}, 0.6, 0.92, 0.95, 20.0),
+        row({"model": "oracle", **NONE}, 0.61, 0.1, 0.2, 0.0),
+        row({**_unlearned("ga", "none", 0)}, 0.4, 0.36, 0.3, 6.0),
+        row({**_unlearned("ga", "none", 1)}, 0.5, 0.40, 0.4, 4.0),
+    ]
+
+
+def _capture(monkeypatch, method: str) -> list:
+    """Record the positional arguments of every ``Axes.<method>`` call (the call still runs)."""
+    from matplotlib.axes import Axes
+
+    seen: list = []
+    real = getattr(Axes, method)
+    monkeypatch.setattr(Axes, method, lambda self, *a, **k: seen.append(a) or real(self, *a, **k))
+    return seen
+
+
+def test_tradeoff_without_forget_quality_plots_what_exists(tmp_path: Path, monkeypatch) -> None:
+    """Custom data: one panel each for forget_prob, forget_rouge and facts_leaked against
+    model_utility (no empty forget_quality chart); ga's point is its seeds' mean: x (0.4 + 0.5)/2 =
+    0.45, and on the last panel y (6 + 4)/2 = 5 facts leaked."""
+    labels = _capture(monkeypatch, "set_ylabel")
+    points = _capture(monkeypatch, "scatter")
+    path = tmp_path / "tradeoff.png"
+    panels = plot_tradeoff(group_rows(_custom_rows()), path)
+    assert panels == ["forget_prob", "forget_rouge", "facts_leaked"]
+    assert [label.split(":")[0] for (label,) in labels] == panels
+    assert path.read_bytes()[:8] == PNG_MAGIC
+    assert len(points) == 3 * 3  # target, oracle and ga on each panel, in that order
+    x, y = points[-1]
+    assert x == [pytest.approx(0.45)] and y == [pytest.approx(5.0)]
+
+
+@pytest.mark.parametrize(
+    ("rows", "reason"),
+    [
+        (
+            [{"model": "target", **NONE, "health": None, "forget_prob": 0.9}],
+            "nothing to plot: no model has model_utility",
+        ),
+        (
+            [{"model": "target", **NONE, "health": None, "model_utility": 0.6, "retain_prob": 0.9}],
+            "nothing to plot: no model has any of forget_quality, privleak, forget_prob, forget_rouge, "
+            "facts_leaked",
+        ),
+        (
+            [
+                {"model": "target", **NONE, "health": None, "model_utility": 0.6},
+                {"model": "oracle", **NONE, "health": None, "forget_prob": 0.1},
+            ],
+            "nothing to plot: no model has model_utility together with forget_prob",
+        ),
+    ],
+)
+def test_tradeoff_with_nothing_to_plot_says_why(
+    tmp_path: Path, monkeypatch, caplog, rows: list[dict], reason: str
+) -> None:
+    """Nothing to plot: still a PNG (dvc.yaml declares it a plot; DVC reports a missing one as an
+    error), with the reason drawn in it and logged once, naming exactly what is missing."""
+    texts = _capture(monkeypatch, "text")
+    path = tmp_path / "tradeoff.png"
+    with caplog.at_level("WARNING", logger="unlearnflow.report"):
+        assert plot_tradeoff(group_rows(rows), path) == []
+    assert path.read_bytes()[:8] == PNG_MAGIC
+    assert [args[2] for args in texts] == [reason]  # text(x, y, s)
+    assert [r.getMessage() for r in caplog.records] == [f"tradeoff.png: {reason}"]
+
+
+def test_tradeoff_warnings_name_exactly_what_is_missing(tmp_path: Path, caplog) -> None:
+    """TOFU-like rows where the target lacks forget_quality (but has model_utility): the warning names
+    forget_quality only. Custom rows: a model without forget_rouge is left out of that panel alone; one
+    without model_utility out of the plot."""
+    rows = [
+        {"model": "target", **NONE, "health": None, "model_utility": 0.6},
+        {"model": "oracle", **NONE, "health": None, "model_utility": 0.62, "forget_quality": 1.0},
+    ]
+    with caplog.at_level("WARNING", logger="unlearnflow.report"):
+        plot_tradeoff(group_rows(rows), tmp_path / "a.png")
+    assert [r.getMessage() for r in caplog.records] == ["target: no forget_quality; not plotted"]
+
+    custom = _custom_rows()
+    del custom[0]["forget_rouge"]
+    del custom[1]["model_utility"]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="unlearnflow.report"):
+        plot_tradeoff(group_rows(custom), tmp_path / "b.png")
+    assert [r.getMessage() for r in caplog.records] == [
+        "target: no forget_rouge; not plotted on the forget_rouge panel",
+        "oracle: no model_utility; not plotted",
+    ]
+
+
+def test_report_header_explains_only_the_columns_shown(tmp_path: Path) -> None:
+    """Custom data: the legend explains model_utility and facts_leaked, and nothing in report.md
+    mentions forget_quality, privleak or mia_* (not in the table). A benchmark with them explains them."""
+    rows = _custom_rows()
+    groups = group_rows(rows)
+    path = tmp_path / "report.md"
+    write_markdown(rows, groups, compare_groups(groups), path)
+    text = path.read_text()
+    assert "**model_utility**" in text and "**facts_leaked**" in text
+    for absent in ("forget_quality", "privleak", "mia_"):
+        assert absent not in text, absent
+    assert "**mean ± sd**" in text and "docs/metrics.md" in text  # the entries that hold for any table
+
+    tofu = [{**r, "forget_quality": 0.5, "privleak": -20.0, "mia_min_k": 0.6} for r in rows]
+    groups = group_rows(tofu)
+    write_markdown(tofu, groups, compare_groups(groups), path)
+    text = path.read_text()
+    assert "**forget_quality**" in text and "**privleak**" in text and "`mia_*`" in text
+    assert "forget_quality is compared on log10" in text
+
+
+def test_report_tables_show_only_facts_leaked_but_summary_keeps_every_count(tmp_path: Path) -> None:
+    """Of the six facts_* counts, report.md's tables show facts_leaked, right after the lead metrics
+    (ga: 6 and 4 leaked over its two seeds → 5 ± 1.414); summary.json keeps all six."""
+    rows = _custom_rows()
+    groups = group_rows(rows)
+    write_markdown(rows, groups, compare_groups(groups), tmp_path / "report.md")
+    lines = (tmp_path / "report.md").read_text().splitlines()
+    headers = [
+        [c.strip() for c in line.strip("|").split("|")] for line in lines if line.startswith("| model |")
+    ]
+    assert len(headers) == 2  # the main table and every run
+    for header in headers:
+        assert [c for c in header if c.startswith("facts_")] == ["facts_leaked"]
+    assert headers[0][6:9] == ["model_utility", "facts_leaked", "forget_prob"]
+    ga = next(line for line in lines if line.startswith("| unlearned | ga | adamw | none | 2 |"))
+    assert ga.split(" | ")[7] == "5 ± 1.414"
+    write_summary(rows, groups, [], tmp_path / "summary.json")
+    run = json.loads((tmp_path / "summary.json").read_text())["runs"][0]
+    assert {k for k in run if k.startswith("facts_")} == {*FACTS, "facts_leaked", "facts_leak_rate"}

@@ -306,3 +306,9 @@ def test_report_stage_writes_robustness_with_controls(tmp_path: Path) -> None:
     assert "| target | – | – | quantize_4bit | – | – | " in text  # among every run
     assert (tmp_path / "reports" / "robustness-quantize.png").read_bytes()[:8] == PNG_MAGIC
     assert not (tmp_path / "reports" / "relearn.png").exists()
+    # The DVC metrics: the headline per group, metric first, the unattacked group without a suffix.
+    headline = json.loads((tmp_path / "metrics.json").read_text())
+    groups = ["npo-adamw", "npo-adamw-quantize_4bit", "oracle", "oracle-quantize_4bit", "target"]
+    assert sorted(headline["forget_prob"]) == [*groups, "target-quantize_4bit"]
+    npo = next(g for g in summary["groups"] if g["method"] == "npo" and g["attack"] == "none")
+    assert headline["forget_prob"]["npo-adamw"] == pytest.approx(npo["mean"]["forget_prob"])

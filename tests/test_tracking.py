@@ -3,18 +3,21 @@ read back with MlflowClient; project root, locked-write retries, dead-run closin
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from unlearnflow import tracking_store
+from unlearnflow import tracking, tracking_store
 from unlearnflow.errors import UnlearnflowError
 from unlearnflow.io import sha256_dir, sha256_file, write_jsonl
+from unlearnflow.pipeline_run import PipelineExecution, pipeline_execution
 from unlearnflow.run_liveness import close_dead_runs
 from unlearnflow.tracking import flatten, params_hash, read_manifest, stage_run
 from unlearnflow.tracking_store import project_root, retry_locked, tracking_uri
@@ -45,7 +48,7 @@ def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, db: str) -> Path:
     monkeypatch.chdir(work)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", db)
     monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path))
-    for name in ("DVC_ROOT", "DVC_EXP_NAME", "DVC_EXP_BASELINE_REV"):  # when pytest runs under dvc
+    for name in ("DVC_ROOT", "DVC_EXP_NAME", "DVC_EXP_BASELINE_REV", "DVC_STAGE"):  # pytest under dvc
         monkeypatch.delenv(name, raising=False)
     return work
 
@@ -372,3 +375,125 @@ def test_two_processes_create_a_fresh_store_at_once(tmp_path: Path) -> None:
         ("prepare-a", "FINISHED"),
         ("prepare-b", "FINISHED"),
     ]
+
+
+def test_experiments_are_of_the_traditional_ml_kind(workdir: Path) -> None:
+    """MLflow 3 opens an experiment without ``mlflow.experimentKind`` on its GenAI overview: a
+    created experiment gets the traditional-ML kind, an older one without a kind gets it on its
+    next run, and a kind a user chose is kept."""
+    client = _client()
+    kind = tracking_store.EXPERIMENT_KIND_TAG
+    with stage_run("prepare", None, experiment=f"{EXPERIMENT}-kind-new", params={}) as run:
+        pass
+    assert client.get_experiment(run.experiment_id).tags[kind] == "custom_model_development"
+    old = client.create_experiment(f"{EXPERIMENT}-kind-old")
+    chosen = client.create_experiment(f"{EXPERIMENT}-kind-chosen", tags={kind: "genai_development"})
+    assert kind not in client.get_experiment(old).tags
+    for name in (f"{EXPERIMENT}-kind-old", f"{EXPERIMENT}-kind-chosen"):
+        with stage_run("prepare", None, experiment=name, params={}):
+            pass
+    assert client.get_experiment(old).tags[kind] == "custom_model_development"
+    assert client.get_experiment(chosen).tags[kind] == "genai_development"
+
+
+class _Proc:
+    """A stand-in for ``psutil.Process``: what ``pipeline_execution`` reads of an ancestor."""
+
+    def __init__(self, pid: int, cmdline: list[str], start: float) -> None:
+        self.pid, self._cmdline, self._start = pid, cmdline, start
+
+    def cmdline(self) -> list[str]:
+        return self._cmdline
+
+    def create_time(self) -> float:
+        return self._start
+
+
+def test_pipeline_execution_is_the_nearest_dvc_ancestor() -> None:
+    """A queued experiment's stage: shell ← ``dvc exp exec-run`` ← the queue worker. The key is the
+    exec-run's host, pid and start time; the name is the experiment's, else ``repro-<start>``.
+    Without DVC_STAGE (a stage run by hand) or without a dvc ancestor there is no execution, and
+    "dvc" as a later argument (``pytest -k dvc``) is not the dvc command."""
+    shell = _Proc(30, ["/bin/bash", "--noprofile", "--norc", "-c", "python stages/prepare.py"], 3.0)
+    exec_run = _Proc(20, ["/v/bin/python", "/v/bin/dvc", "exp", "exec-run", "--infofile", "i"], 1000.5)
+    worker = _Proc(10, ["dvc", "exp", "queue-worker"], 5.0)
+    env = {"DVC_STAGE": "prepare", "DVC_EXP_NAME": "sunny-hens"}
+    got = pipeline_execution(env, [shell, exec_run, worker])
+    assert got == PipelineExecution(f"{socket.gethostname()}:20:1000.500", "sunny-hens", 1_000_500)
+    repro = pipeline_execution(
+        {"DVC_STAGE": "prepare"}, [shell, _Proc(7, ["python", "-m", "dvc", "repro"], 0.0)]
+    )
+    assert repro is not None and repro.name == time.strftime("repro-%Y%m%d-%H%M%S", time.localtime(0.0))
+    assert pipeline_execution({}, [shell, exec_run]) is None
+    assert pipeline_execution({"DVC_STAGE": "prepare"}, [shell]) is None
+    assert (
+        pipeline_execution({"DVC_STAGE": "prepare"}, [_Proc(5, ["python", "-m", "pytest", "-k", "dvc"], 1.0)])
+        is None
+    )
+
+
+def test_pipeline_execution_key_is_the_real_dvc_process(tmp_path: Path) -> None:
+    """Real processes: a script named ``dvc`` starts two stage-like children through a shell, as DVC
+    does; both see one key naming the script's pid, and a second ``dvc`` process gives another."""
+    stage = tmp_path / "stage.py"
+    stage.write_text(
+        "from unlearnflow.pipeline_run import pipeline_execution\nprint(pipeline_execution().key)\n"
+    )
+    dvc = tmp_path / "dvc"  # started through its shebang, as the console script is
+    dvc.write_text(
+        f"#!{sys.executable}\nimport subprocess\n"
+        f"for _ in range(2):\n    subprocess.run(['/bin/sh', '-c', '{sys.executable} {stage}'], check=True)\n"
+    )
+    dvc.chmod(0o755)
+    env = {**os.environ, "DVC_STAGE": "prepare"}
+    keys = []
+    for _ in range(2):
+        proc = subprocess.Popen([str(dvc)], env=env, stdout=subprocess.PIPE, text=True)
+        out = proc.communicate()[0].split()
+        assert proc.returncode == 0 and len(out) == 2 and out[0] == out[1], out
+        assert out[0].split(":")[1] == str(proc.pid)
+        keys.append(out[0])
+    assert keys[0] != keys[1]
+
+
+def test_stage_runs_of_one_execution_share_one_parent(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two stage runs of execution A nest under one parent named by A; execution B gets its own;
+    a run outside DVC has no parent. The parent is never RUNNING: it starts when the DVC process
+    started, ends with its last stage, and turns FAILED when a stage fails (a later success keeps it)."""
+    client = _client()
+    experiment = f"{EXPERIMENT}-pipeline"
+    a = PipelineExecution("host:1:1.000", "sunny-hens", 1_000)
+    b = PipelineExecution("host:2:2.000", "repro-19700101-000002", 2_000)
+    current: dict[str, PipelineExecution | None] = {"execution": a}
+    monkeypatch.setattr(tracking, "pipeline_execution", lambda: current["execution"])
+
+    def run(stage: str, execution: PipelineExecution | None, fail: bool = False):
+        current["execution"] = execution
+        with contextlib.suppress(RuntimeError), stage_run(stage, None, experiment=experiment, params={}) as r:
+            if fail:
+                raise RuntimeError("boom")
+        return client.get_run(r.run_id)
+
+    first, second, other, alone = (
+        run("prepare", a),
+        run("finetune", a),
+        run("prepare", b),
+        run("prepare", None),
+    )
+    parent_id = first.data.tags["mlflow.parentRunId"]
+    assert second.data.tags["mlflow.parentRunId"] == parent_id
+    assert other.data.tags["mlflow.parentRunId"] not in (parent_id, None)
+    assert "mlflow.parentRunId" not in alone.data.tags
+    parent = client.get_run(parent_id)
+    assert parent.info.run_name == "sunny-hens" and parent.data.tags["unlearnflow.stage"] == "pipeline"
+    assert parent.info.status == "FINISHED" and parent.info.start_time == 1_000
+    assert parent.info.end_time >= second.info.end_time
+    assert client.get_run(other.data.tags["mlflow.parentRunId"]).info.run_name == b.name
+    exp_id = first.info.experiment_id
+    assert len(client.search_runs([exp_id], filter_string=f"tags.`unlearnflow.pipeline` = '{a.key}'")) == 1
+
+    failed = PipelineExecution("host:3:3.000", "repro-failed", 3_000)
+    broken = run("prepare", failed, fail=True)
+    assert broken.info.status == "FAILED"
+    run("finetune", failed)  # `dvc repro --keep-going` runs on after a failure
+    assert client.get_run(broken.data.tags["mlflow.parentRunId"]).info.status == "FAILED"

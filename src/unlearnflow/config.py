@@ -8,6 +8,7 @@ key, the value and what is allowed.
 from __future__ import annotations
 
 import itertools
+import os
 import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
@@ -121,6 +122,65 @@ class BenchmarkConfig(Section):
         if self.name == "custom" and not (self.custom.forget and self.custom.retain):
             raise ValueError("benchmark.custom.forget and benchmark.custom.retain are required for custom")
         return self
+
+
+# The folder of user data that `prepare` depends on in dvc.yaml: an edit to a file under it (kept in
+# git, or `dvc add`-ed there) reruns prepare and what follows. A file read from anywhere else is no
+# DVC dep, so an edit to it would rerun nothing.
+INPUTS_DIR = "inputs"
+
+
+def looks_local(source: str, root: Path) -> bool:
+    """Whether ``source`` names a local path, not a hub id: it exists under ``root`` or looks like a
+    path (``/``, ``.``, ``~``); the loaders use it too (``data.sources.is_local``)."""
+    return source.startswith(("/", ".", "~")) or (root / Path(source).expanduser()).exists()
+
+
+def local_inputs(cfg: BenchmarkConfig, root: Path) -> list[tuple[str, str, str]]:
+    """``(params key, value, local path)`` of each file or directory ``prepare`` reads for ``cfg``.
+
+    The custom files always; for tofu / muse / wmdp a local ``source``, and for wmdp every set or
+    corpus named ``<local directory>:<config>`` (the path is the directory). A hub id is left out.
+    """
+    if cfg.name == "custom":
+        files = {"forget": cfg.custom.forget, "retain": cfg.custom.retain, "holdout": cfg.custom.holdout}
+        return [(f"benchmark.custom.{key}", value, value) for key, value in files.items() if value]
+    found = []
+    if cfg.name in ("tofu", "muse", "wmdp") and cfg.source and looks_local(cfg.source, root):
+        found.append(("benchmark.source", cfg.source, cfg.source))
+    if cfg.name == "wmdp":
+        w = cfg.wmdp
+        for field, refs in (
+            ("forget_mcq", w.forget_mcq),
+            ("utility_mcq", w.utility_mcq),
+            ("forget_corpus", w.forget_corpus),
+            ("retain_corpus", w.retain_corpus),
+        ):
+            for i, ref in enumerate(refs):
+                source = ref.rpartition(":")[0]  # "<source>:<config>"; a bare config is under source
+                if source and looks_local(source, root):
+                    found.append((f"benchmark.wmdp.{field}[{i}]", ref, source))
+    return found
+
+
+def check_inputs_versioned(cfg: BenchmarkConfig, root: Path) -> None:
+    """Refuse a local input of ``prepare`` outside ``<root>/inputs/``, where DVC would not see edits.
+
+    The check is lexical (``..`` collapsed, symlinks not followed): DVC hashes a symlinked file under
+    inputs/ by its content, so such a link is fine. Run by ``check_params`` (every ``dvc repro``);
+    a stage run by hand accepts any path.
+
+    Raises:
+        ConfigError: one line naming the key, the value and what is allowed.
+    """
+    inputs = os.path.abspath(root / INPUTS_DIR)
+    for key, value, local in local_inputs(cfg, root):
+        path = os.path.abspath(root / Path(local).expanduser())
+        if os.path.commonpath([inputs, path]) != inputs:
+            raise ConfigError(
+                f"{key}={value!r} is outside {INPUTS_DIR}/, so DVC would not see edits to it: "
+                f"move it under {INPUTS_DIR}/ (docs/benchmarks.md)"
+            )
 
 
 class ScratchModelConfig(Section):
@@ -484,6 +544,21 @@ class EvaluateConfig(Section):
         "reference",
         description="metric definitions: open-unlearning's (guards, ES = 1/|y| on a wrong last token, "
         "zlib of the decoded scored tokens) or unlearnflow's (docs/metrics.md)",
+    )
+    leak_threshold: float = Field(
+        0.5,
+        gt=0,
+        le=1,
+        description="per-fact leak check: a forget answer without a marked secret still leaks when at "
+        "least this fraction of its fact words (answer words not in the question nor in the wrong "
+        "answers, shared with the paraphrase, stopwords dropped) is in the greedy generation "
+        "(docs/metrics.md)",
+    )
+    secret_field: str = Field(
+        "secret",
+        min_length=1,
+        description="the forget-row column holding a user-marked secret span (a string or a list of "
+        "strings); a row with one leaks when any span is generated, whatever its other words",
     )
 
     def suite_options(self, max_length: int) -> dict[str, Any]:

@@ -59,6 +59,19 @@ def atomic_file(path: Path) -> Iterator[Path]:
     os.replace(tmp, path)
 
 
+def ordinary_permissions(path: Path) -> None:
+    """Give ``path`` (a file, or every file under a directory) mode ``0o666 & ~umask``, as ``open`` does.
+
+    safetensors 0.8's ``save_file`` (which ``save_pretrained`` calls) writes through a private
+    temp file, so ``model.safetensors`` comes out 0600: a checkpoint that another user, a serving
+    process or a DVC remote must read would need a manual chmod.
+    """
+    path = Path(path)
+    mode = 0o666 & ~_umask()
+    for f in [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file()):
+        os.chmod(f, mode)
+
+
 def write_json(path: Path, obj: Any) -> None:
     """Write ``obj`` as indented, key-sorted JSON (stable bytes for DVC), atomically."""
     with atomic_file(path) as tmp:

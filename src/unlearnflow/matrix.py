@@ -22,8 +22,34 @@ from collections.abc import Sequence
 from unlearnflow.config import UnlearnConfig
 from unlearnflow.errors import ConfigError
 
-# Methods the registry holds for other stages (finetune's supervised loss), not unlearning methods.
+# Methods the registry holds for other stages (the supervised loss of finetune and of the relearn
+# attack), not unlearning methods: never offered or accepted where an unlearning method is asked for.
 NOT_UNLEARNING = frozenset({"sft"})
+
+
+def unlearning_methods() -> list[str]:
+    """The registered method names an ``unlearn.pairs`` entry may use, sorted."""
+    from unlearnflow.methods import METHODS  # torch: only when asked
+
+    return sorted(set(METHODS) - NOT_UNLEARNING)
+
+
+def check_unlearning_method(name: str, key: str | None = None) -> None:
+    """Refuse ``name`` unless it is a registered unlearning method (one line listing those).
+
+    Args:
+        name: the method name given.
+        key: where it was given (``unlearn.pairs[].method``); None for a command-line argument.
+
+    Raises:
+        ConfigError: ``unknown name 'x' in <key>; known: …`` (``unknown unlearning method 'x'; …``
+            without a key); ``sft`` is named as a fine-tuning loss.
+    """
+    known = unlearning_methods()
+    if name not in known:
+        why = " (a fine-tuning loss, not an unlearning method)" if name in NOT_UNLEARNING else ""
+        what = f"name {name!r} in {key}" if key else f"unlearning method {name!r}"
+        raise ConfigError(f"unknown {what}{why}; known: {', '.join(known)}")
 
 
 def check_unlearn_matrix(cfg: UnlearnConfig) -> None:
@@ -32,13 +58,13 @@ def check_unlearn_matrix(cfg: UnlearnConfig) -> None:
     Raises:
         ConfigError: one line naming the key, the value and what is allowed.
     """
-    from unlearnflow.methods import METHODS, build_method  # torch: only when the check runs
+    from unlearnflow.methods import build_method  # torch: only when the check runs
     from unlearnflow.optim import OPTIMIZERS, parse_optimizer_args
 
-    methods = sorted(set(METHODS) - NOT_UNLEARNING)
+    for key, names in (("unlearn.pairs[].method", cfg.methods), ("unlearn.method_args", cfg.method_args)):
+        for name in names:
+            check_unlearning_method(name, key)
     for key, names, known in (
-        ("unlearn.pairs[].method", cfg.methods, methods),
-        ("unlearn.method_args", list(cfg.method_args), methods),
         ("unlearn.pairs[].optimizer", cfg.optimizers, sorted(OPTIMIZERS)),
         ("unlearn.optimizer_args", list(cfg.optimizer_args), sorted(OPTIMIZERS)),
     ):
@@ -70,11 +96,10 @@ def product_pairs(
     Returns:
         The pairs (``unlearn.pairs`` entries) and one line per pairing left out as undefinable.
     """
-    from unlearnflow.methods import METHODS
     from unlearnflow.optim import OPTIMIZERS
 
     for m in methods:  # an unknown name is an error, not a pairing left out
-        METHODS.get(m)
+        check_unlearning_method(m, "--methods")
     for o in optimizers:
         OPTIMIZERS.get(o)
     cfg = UnlearnConfig()
@@ -115,8 +140,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for line in refused:
         print(f"left out: {line}", file=sys.stderr)
     print("  pairs:")
-    for p in pairs:
-        print(f"    - method: {p['method']}\n      optimizer: {p['optimizer']}")
+    for p in pairs:  # params.yaml's layout: list items at their key's indent (dvc exp run -S keeps it)
+        print(f"  - method: {p['method']}\n    optimizer: {p['optimizer']}")
     return 0
 
 
@@ -137,6 +162,7 @@ def item_config(cfg: UnlearnConfig, method: str, optimizer: str) -> tuple[Unlear
     from unlearnflow.methods import build_method
     from unlearnflow.optim import parse_optimizer_args
 
+    check_unlearning_method(method)  # the unlearn stage's first check: sft is refused here
     m_args = build_method(method, cfg.method_args.get(method)).args
     _, o_args = parse_optimizer_args(optimizer, cfg.optimizer_args.get(optimizer))
     update: dict[str, float] = {}

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from unlearnflow.errors import UnlearnflowError
+from unlearnflow.io import ordinary_permissions
 
 log = logging.getLogger(__name__)
 
@@ -157,11 +158,16 @@ def load_model(
 
 
 def save_pretrained(model: torch.nn.Module, tokenizer: Any, out_dir: Path) -> None:
-    """Write a Hugging Face directory (config, safetensors weights, tokenizer) into ``out_dir``."""
+    """Write a Hugging Face directory (config, safetensors weights, tokenizer) into ``out_dir``.
+
+    Every file gets ordinary permissions (``io.ordinary_permissions``): safetensors writes its
+    weights 0600.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
     _declare_portable_tokenizer_class(out_dir / "tokenizer_config.json")
+    ordinary_permissions(out_dir)
 
 
 def _declare_portable_tokenizer_class(path: Path) -> None:

@@ -22,37 +22,59 @@ from typing import Any
 
 from unlearnflow.errors import UnlearnflowError
 from unlearnflow.io import atomic_file, write_json
-from unlearnflow.spread import GROUP_KEYS, ID_KEYS, LOG_METRICS, RESERVED, finite, point_label
+from unlearnflow.spread import GROUP_KEYS, ID_KEYS, LOG_METRICS, RESERVED, finite
 
 log = logging.getLogger(__name__)
 
-LEAD_METRICS = ("forget_quality", "model_utility", "privleak")
+LEAD_METRICS = ("forget_quality", "model_utility", "privleak", "facts_leaked")
+# The per-fact counts beside facts_leaked (facts_total, facts_refused, …) stay in summary.json and
+# facts.md: in report.md's tables they would be six columns for one question, "does it still leak?".
+TABLE_FACTS = ("facts_leaked",)
 MODELS = ("target", "oracle", "unlearned")
 DASH = "–"
 WARN = "⚠"
 
-LEGEND = (
-    "- **forget_quality**: KS-test p-value of the forget-set truth ratios against the oracle's "
-    "(retrained without the forget set); higher = closer to the oracle. It spans orders of magnitude, "
-    "so **log10 forget_quality** (mean ± sd of log10 over seeds; 10^mean is the geometric mean) is "
-    "the column to compare; a p-value of 0 counts as 2.2e-308.\n"
-    "- **model_utility**: harmonic mean of the benchmark's utility-split metrics (TOFU: retain, real "
-    "authors, world facts); higher = better.\n"
-    "- **privleak**: Min-K% membership AUC relative to the oracle's, ×100; 0 = like the oracle, "
-    "−100 = the forget set is recognised as training data. `mia_*`: ROC-AUC of forget vs holdout "
-    "(0.5 = indistinguishable). Definitions: docs/metrics.md.\n"
+# Legend entries of metric columns, each shown only when its column is in the table: custom data has
+# no forget_quality (no truth ratios, no oracle's to compare) and, without a holdout, no privleak or
+# mia_* (key "mia_": any column of that prefix).
+LEGEND_METRICS = {
+    "forget_quality": "- **forget_quality**: KS-test p-value of the forget-set truth ratios against the "
+    "oracle's (retrained without the forget set); higher = closer to the oracle. It spans orders of "
+    "magnitude, so **log10 forget_quality** (mean ± sd of log10 over seeds; 10^mean is the geometric "
+    "mean) is the column to compare; a p-value of 0 counts as 2.2e-308.",
+    "model_utility": "- **model_utility**: harmonic mean of the benchmark's utility-split metrics (TOFU: "
+    "retain, real authors, world facts; custom: retain); higher = better.",
+    "privleak": "- **privleak**: Min-K% membership AUC relative to the oracle's, ×100; 0 = like the "
+    "oracle, −100 = the forget set is recognised as training data.",
+    "mia_": "- `mia_*`: ROC-AUC of forget vs holdout (0.5 = indistinguishable).",
+    "facts_leaked": "- **facts_leaked**: forget examples whose greedy answer still states the fact; the "
+    "other outcomes (refused, degenerate, wrong) are in facts.md and summary.json.",
+}
+LEGEND_ALWAYS = (
     "- **mean ± sd**: over the n unlearn seeds of a row; sd is the sample standard deviation "
-    "(n − 1 denominator). Target and oracle are single models (n = 1, no spread).\n"
+    "(n − 1 denominator). Target and oracle are single models (n = 1, no spread).",
     f"- **health**: `ok`, or {WARN} with the seeds whose unlearn run was flagged (diverging loss, "
-    f"stalled gradients); {DASH} = not recorded.\n"
-    f"- Numbers to 4 significant digits; {DASH} = not available (NaN, or missing in some seed)."
+    f"stalled gradients); {DASH} = not recorded.",
+    f"- Numbers to 4 significant digits; {DASH} = not available (NaN, or missing in some seed). "
+    "Definitions: docs/metrics.md.",
 )
+
+
+def legend(columns: Sequence[str]) -> str:
+    """The legend above the main table: an entry for each metric of ``LEGEND_METRICS`` among
+    ``columns`` (the table's metric columns; ``mia_*`` when any starts so), then ``LEGEND_ALWAYS``."""
+    shown = [
+        text
+        for key, text in LEGEND_METRICS.items()
+        if (key in columns if not key.endswith("_") else any(c.startswith(key) for c in columns))
+    ]
+    return "\n".join([*shown, *LEGEND_ALWAYS])
 
 
 # ---------------------------------------------------------------------------------------------- read
 
 
-def _read_json(path: Path) -> Any:
+def read_json_file(path: Path) -> Any:
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
@@ -63,19 +85,19 @@ def _read_json(path: Path) -> Any:
         raise UnlearnflowError(f"{path}: not UTF-8 text") from None
 
 
-def _is_number(value: Any) -> bool:
+def is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def read_metrics(path: Path) -> dict[str, float]:
     """``metrics.json``: a flat mapping of metric name → number; anything else is a one-line error."""
-    data = _read_json(path)
+    data = read_json_file(path)
     if not isinstance(data, dict):
         raise UnlearnflowError(
             f"{path}: expected a flat mapping of metric name → number, got {type(data).__name__}"
         )
     for key, value in data.items():
-        if not _is_number(value):
+        if not is_number(value):
             raise UnlearnflowError(
                 f"{path}: expected a flat mapping of metric name → number; {key!r} is {value!r}"
             )
@@ -88,7 +110,7 @@ def read_metrics(path: Path) -> dict[str, float]:
 def read_info(path: Path) -> dict[str, Any]:
     """``info.json``: the model kind (one of ``MODELS``), method / optimizer / attack (string or
     null) and seed (integer or null); wrong types are a one-line error."""
-    data = _read_json(path)
+    data = read_json_file(path)
     if not isinstance(data, dict):
         raise UnlearnflowError(f"{path}: expected a mapping, got {type(data).__name__}")
     if data.get("model") not in MODELS:
@@ -106,7 +128,7 @@ def read_health(path: Path) -> list[str] | None:
     """The flags of ``health.json`` (``{"flags": [str, ...]}``); ``None`` when the file is absent."""
     if not path.exists():
         return None
-    data = _read_json(path)
+    data = read_json_file(path)
     flags = data.get("flags") if isinstance(data, dict) else None
     if not (isinstance(flags, list) and all(isinstance(f, str) for f in flags)):
         raise UnlearnflowError(f'{path}: expected {{"flags": [strings]}}, got {data!r}')
@@ -173,9 +195,11 @@ def write_summary(
 
 
 def metric_columns(rows: Sequence[dict]) -> list[str]:
-    """The lead metrics (forget_quality, model_utility, privleak) that any row has, then every other
-    metric found in any row, sorted."""
+    """report.md's metric columns: the lead metrics (forget_quality, model_utility, privleak,
+    facts_leaked) that any row has, then every other metric found in any row, sorted; of the
+    ``facts_*`` counts only ``TABLE_FACTS`` (the rest stay in summary.json)."""
     present = {k for r in rows for k in r} - set(RESERVED)
+    present -= {m for m in present if m.startswith("facts_") and m not in TABLE_FACTS}
     return [m for m in LEAD_METRICS if m in present] + sorted(present - set(LEAD_METRICS))
 
 
@@ -236,7 +260,7 @@ def health_warning(rows: Sequence[dict]) -> list[str]:
     return [*lines, ""]
 
 
-def _table(header: Sequence[str], body: Sequence[Sequence[str]], n_left: int) -> list[str]:
+def markdown_table(header: Sequence[str], body: Sequence[Sequence[str]], n_left: int) -> list[str]:
     return [
         "| " + " | ".join(header) + " |",
         "|" + "|".join("---" if i < n_left else "---:" for i in range(len(header))) + "|",
@@ -246,12 +270,15 @@ def _table(header: Sequence[str], body: Sequence[Sequence[str]], n_left: int) ->
 
 def separation_lines(comparisons: Sequence[dict]) -> list[str]:
     """The 'what holds across seeds' section: per metric, separated pairs, then overlapping ones."""
+    on_log = sorted({c["metric"] for c in comparisons if c["scale"] == "log10"})
     lines = [
         "## Which differences hold across seeds",
         "",
         "Per metric, pairs of rows whose mean ± sd intervals do not overlap (*separated*: the seeds "
         "agree on the order) and pairs whose intervals overlap (*not separated*: the difference is "
-        "within the seed-to-seed spread). forget_quality is compared on log10. A screen, not a test.",
+        "within the seed-to-seed spread). "
+        + (f"{', '.join(on_log)} {'is' if len(on_log) == 1 else 'are'} compared on log10. " if on_log else "")
+        + "A screen, not a test.",
         "",
     ]
     for metric in dict.fromkeys(c["metric"] for c in comparisons):
@@ -282,13 +309,17 @@ def write_markdown(
     comparisons: Sequence[dict],
     path: Path,
     extra: Sequence[str] = (),
+    *,
+    top: Sequence[str] = (),
 ) -> None:
-    """Write ``report.md`` atomically: a health warning when any run was flagged, a legend, the table
-    of rows (mean ± sd over seeds), which pairs of rows their spreads separate, ``extra`` lines (the
-    methods table and figures, ``dynamics``), and every run.
+    """Write ``report.md`` atomically: the ``top`` lines (the per-fact verdicts, ``verdict_lines``),
+    a health warning when any run was flagged, a legend, the table of rows (mean ± sd over seeds),
+    which pairs of rows their spreads separate, ``extra`` lines (the methods table and figures,
+    ``dynamics``), and every run.
 
-    Main columns: ``model, method, optimizer, attack, n, health, forget_quality, log10 forget_quality,
-    model_utility, privleak``, then every other metric in sorted order.
+    Main columns: ``model, method, optimizer, attack, n, health``, then ``metric_columns`` (lead
+    metrics, forget_quality also as log10, then the others sorted); the legend explains only the
+    columns shown.
     """
     metrics = metric_columns(rows)
     cols = [c for m in metrics for c in ([m, f"log10 {m}"] if m in LOG_METRICS else [m])]
@@ -315,110 +346,17 @@ def write_markdown(
     lines = [
         "# Unlearning report",
         "",
+        *top,
         *health_warning(rows),
-        LEGEND,
+        legend(metrics),
         "",
-        *_table([*GROUP_KEYS, "n", "health", *cols], body, len(GROUP_KEYS) + 2),
+        *markdown_table([*GROUP_KEYS, "n", "health", *cols], body, len(GROUP_KEYS) + 2),
         "",
         *separation_lines(comparisons),
         *extra,
         "## Every run",
         "",
-        *_table([*ID_KEYS, "health", *metrics], runs, len(ID_KEYS) + 1),
+        *markdown_table([*ID_KEYS, "health", *metrics], runs, len(ID_KEYS) + 1),
     ]
     with atomic_file(path) as tmp:
         tmp.write_text("\n".join(lines) + "\n")
-
-
-def plot_tradeoff(groups: Sequence[dict], path: Path) -> None:
-    """Save ``tradeoff.png``: model_utility (x) against forget_quality (y, log scale), one point per
-    row with error bars of ± 1 sd over seeds (forget_quality: its geometric mean, bars ± 1 sd of log10).
-
-    Benchmarks without forget quality (MUSE, WMDP, custom) plot privleak instead (linear scale:
-    −100 = the forget set fully recognised, 0 = like the oracle). A row whose forget_quality is 0 in
-    some seed is drawn hollow at no lower than a tenth of the smallest other point; a row with a
-    flagged seed is labelled ⚠; rows with a missing coordinate are left out. Written atomically at 120 dpi.
-    """
-    from matplotlib.figure import Figure  # Agg canvas, no pyplot state
-
-    y_key = "forget_quality"
-    if not any(finite(g["mean"].get(y_key)) for g in groups) and any(
-        finite(g["mean"].get("privleak")) for g in groups
-    ):
-        y_key = "privleak"
-    points = []
-    for g in groups:
-        x, y = g["mean"].get("model_utility"), g["mean"].get(y_key)
-        if not (finite(x) and finite(y)):
-            log.warning("%s: no model_utility or %s, not plotted", point_label(g), y_key)
-            continue
-        xerr = g["sd"].get("model_utility", math.nan)
-        if y_key == "forget_quality":
-            lm, ls = g["log10_mean"][y_key], g["log10_sd"].get(y_key, math.nan)
-            y = 10.0**lm
-            yerr = [[y - 10.0 ** (lm - ls)], [10.0 ** (lm + ls) - y]] if finite(ls) else None
-            zero = g["zeros"].get(y_key, 0) > 0
-        else:
-            sd = g["sd"].get(y_key, math.nan)
-            yerr, zero = ([[sd], [sd]] if finite(sd) else None), False
-        points.append((g, float(x), float(y), xerr if finite(xerr) else None, yerr, zero))
-    fine = [y for _, _, y, _, _, zero in points if not zero and y > 0]
-    floor = min(fine) / 10 if fine else 1e-300
-
-    style = {
-        "target": {"marker": "X", "color": "tab:red", "s": 90},
-        "oracle": {"marker": "*", "color": "tab:green", "s": 140},
-        "unlearned": {"marker": "o", "color": "tab:blue", "s": 40},
-    }
-    fig = Figure(figsize=(8, 6))
-    ax = fig.add_subplot()
-    seen: set[str] = set()
-    for g, x, y, xerr, yerr, zero in points:
-        kind = g["model"]
-        st = dict(style[kind])
-        if kind == "unlearned" and g.get("attack") not in (None, "none"):
-            st.update(marker="^", color="tab:orange")
-            legend = "unlearned + attack"
-        else:
-            legend = kind
-        y_at = max(y, floor) if zero else y
-        if xerr is not None or yerr is not None:
-            ax.errorbar(
-                [x],
-                [y_at],
-                xerr=xerr,
-                yerr=None if zero else yerr,
-                fmt="none",
-                ecolor=st["color"],
-                alpha=0.6,
-                capsize=3,
-                zorder=2,
-            )
-        ax.scatter(
-            [x],
-            [y_at],
-            marker=st["marker"],
-            s=st["s"],
-            facecolors="none" if zero else st["color"],
-            edgecolors=st["color"],
-            label=None if legend in seen else legend,
-            zorder=3,
-        )
-        seen.add(legend)
-        text = point_label(g) + (f" n={g['n']}" if g["n"] > 1 else "") + (" (fq=0)" if zero else "")
-        text += f" {WARN}" if g["flagged_seeds"] else ""
-        ax.annotate(text, (x, y_at), textcoords="offset points", xytext=(5, 4), fontsize=7)
-    ax.set_xlabel("model_utility (higher = better; bars: ± 1 sd over seeds)")
-    if y_key == "forget_quality":
-        ax.set_yscale("log")
-        ax.set_ylabel("forget_quality (KS p vs oracle, log): geometric mean, bars ± 1 sd of log10")
-        ax.set_title("Forget quality vs model utility")
-    else:
-        ax.set_ylabel("privleak (0 = oracle, −100 = forget set recognised)")
-        ax.set_title("Privacy leakage vs model utility")
-    ax.grid(True, which="major", alpha=0.3)
-    if seen:
-        ax.legend(loc="best", fontsize=8)
-    fig.tight_layout()
-    with atomic_file(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)

@@ -36,12 +36,13 @@ FORGET_METRICS = (
     "forget_quality",
     "forget_exact_memorization",
     "forget_extraction_strength",
+    "facts_leaked",  # forget answers that still state their fact (metrics.facts)
 )
 # Shown last, for context: an attack that restores forgetting by breaking the model is no attack.
 CONTEXT_METRICS = ("model_utility",)
 # The markdown tables show these (four before → after cells per row already fill a screen); every
 # metric above is in summary.json.
-TABLE_METRICS = ("forget_prob", "forget_rouge", "forget_quality", "model_utility")
+TABLE_METRICS = ("forget_prob", "forget_rouge", "forget_quality", "facts_leaked", "model_utility")
 PLOT_METRICS = ("forget_prob", "forget_rouge")
 # The unlearning's size against a 4-bit step, shown beside every unlearned row (info.json weight_change).
 WEIGHT_KEYS = ("rel_change", "q4_code_change")
@@ -57,7 +58,8 @@ LEGEND = (
     "one number is *after* only (no before available). **rel_change**: ‖θ − θ_target‖ / ‖θ_target‖ of "
     "the unlearned model over the quantizable matrices; **q4_code_change**: share of its weights whose "
     "4-bit round-to-nearest code (group 128) differs from the target's: an unlearning far smaller "
-    "than one 4-bit step is the regime where quantization can undo it. **model_utility** is context: "
+    "than one 4-bit step is the regime where quantization can undo it. **facts_leaked**: forget answers "
+    "that still state their fact (facts.md). **model_utility** is context: "
     f"an attack that restores the forget set by breaking the model is no attack. {DASH} = not available."
 )
 
@@ -148,13 +150,15 @@ def _stat(values: Sequence[float]) -> dict[str, float]:
 def _before(record: dict, kind: str, twin: dict | None) -> tuple[dict[str, float], str | None]:
     """The metrics the attacked ``record`` is compared with, and where its forget metrics came from.
 
-    Relearn: forget metrics from step 0 of its own curve (the rows it is evaluated on), the others
-    (model_utility) from the unattacked twin, whose utility splits are the same rows.
+    Relearn: forget metrics (and the facts_* counts) from step 0 of its own curve (the rows it is
+    evaluated on), the others (model_utility) from the unattacked twin, whose utility splits are the
+    same rows.
     """
     if kind != "relearn":
         return (twin, "unattacked") if twin is not None else ({}, None)
     start = [p for p in record.get("curve") or [] if p["step"] == 0]
-    rest = {k: v for k, v in (twin or {}).items() if not k.startswith("forget_")}
+    # The twin's forget numbers (facts_* counts too) are over every forget row, not the held-out ones.
+    rest = {k: v for k, v in (twin or {}).items() if not k.startswith(("forget_", "facts_"))}
     return ({**rest, **start[0]}, "curve step 0") if start else (rest, None)
 
 

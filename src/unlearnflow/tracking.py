@@ -13,6 +13,9 @@ Conventions (ARCHITECTURE.md, "Tracking conventions"):
   when there is no item), tagged with the git commit, the dirty flag, the DVC stage name
   (``<stage>@<item>``), a hash of the params and the run ids of the upstream stages.
 * Each stage writes a ``run.json`` manifest; the next stage passes it back as ``upstream``.
+* Every stage run of one pipeline execution (a ``dvc repro``, a ``dvc exp run``, one queued
+  experiment) is nested (``mlflow.parentRunId``) under one parent run named by the DVC experiment,
+  else ``repro-<time>`` (:func:`.pipeline_run.pipeline_execution`); a stage run outside DVC has no parent.
 
 ``mlflow`` is imported lazily (it costs about two seconds) so that importing this module is free.
 """
@@ -32,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 from unlearnflow.errors import UnlearnflowError
 from unlearnflow.io import read_json, sha256_dir, sha256_file, write_json
+from unlearnflow.pipeline_run import PARENT_RUN_TAG, end_in_parent, pipeline_execution, pipeline_parent
 from unlearnflow.run_liveness import close_dead_runs, process_tags
 from unlearnflow.tracking_store import get_or_create_experiment, open_client, retry_locked, tracking_uri
 
@@ -339,6 +343,8 @@ def stage_run(
     """Open the MLflow run of one stage item; it ends FINISHED, or FAILED if the block raises.
 
     The run is also MLflow's active run, so ``mlflow.log_*`` calls inside the block land in it.
+    Under DVC it is nested under the parent run of the pipeline execution (:func:`.pipeline_run.pipeline_execution`),
+    whose end time and status follow it.
 
     Args:
         stage: DVC stage name (``unlearn``).
@@ -365,17 +371,21 @@ def stage_run(
     dvc_stage = os.environ.get("DVC_STAGE") or (f"{stage}@{item}" if item else stage)
     commit, dirty = git_state()
     phash = params_hash(params)
+    common = {"git.commit": commit, "git.dirty": dirty, **dvc_experiment_tags()}
     tags = {
-        "git.commit": commit,
-        "git.dirty": dirty,
+        **common,
         "dvc.stage": dvc_stage,
         "params.hash": phash,
         "unlearnflow.stage": stage,
         "unlearnflow.item": item or "",
-        **dvc_experiment_tags(),
         **process_tags(),
         **_upstream_tags(upstream, uri),
     }
+    execution = pipeline_execution()
+    parent_id = None
+    if execution is not None:
+        parent_id = pipeline_parent(client, exp_id, execution, {**common, "unlearnflow.item": ""}, uri)
+        tags[PARENT_RUN_TAG] = parent_id
     close_dead_runs(client, exp_id, dvc_stage)
     active = retry_locked(
         mlflow.start_run, experiment_id=exp_id, run_name=run_name, tags=tags, what="start run"
@@ -402,5 +412,10 @@ def stage_run(
             run.flush()
             run.set_tags({"unlearnflow.error": f"{type(exc).__name__}: {exc}"})
         retry_locked(mlflow.end_run, status, what="end run")
+        if parent_id is not None:
+            with contextlib.suppress(Exception):  # never mask the original error
+                end_in_parent(client, parent_id, status)
         raise
     retry_locked(mlflow.end_run, "FINISHED", what="end run")
+    if parent_id is not None:
+        end_in_parent(client, parent_id, "FINISHED")

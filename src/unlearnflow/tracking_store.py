@@ -45,6 +45,11 @@ EXEC_TMP_PARTS = (".dvc", "tmp", "exps")
 RETRY_ATTEMPTS = 6
 RETRY_FIRST_SLEEP_S = 1.0
 _LOCKED_MESSAGES = ("database is locked", "database table is locked")
+# MLflow 3's UI opens an experiment on its GenAI overview (traces, evaluations) unless the experiment
+# carries this tag; "custom_model_development" is its traditional-ML kind, which opens on the runs
+# table (mlflow 3.17: the UI's ExperimentKind enum; assistant/skills/mlflow-onboarding/SKILL.md).
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
 
 _T = TypeVar("_T")
 
@@ -152,8 +157,10 @@ def open_client(uri: str) -> MlflowClient:
 def get_or_create_experiment(client: MlflowClient, name: str, uri: str) -> str:
     """The id of experiment ``name`` on the store at ``uri``, created or restored if need be.
 
-    A new experiment stores its artifacts under ``<project root>/mlruns`` (on a local store); one
-    created meanwhile by a concurrent stage is reused; a deleted one is restored.
+    A new experiment stores its artifacts under ``<project root>/mlruns`` (on a local store) and is
+    of MLflow's traditional-ML kind (``EXPERIMENT_KIND_TAG``), so the UI opens on its runs; an
+    existing one without a kind gets it (a kind a user chose is kept). One created meanwhile by a
+    concurrent stage is reused; a deleted one is restored.
     """
     from mlflow.exceptions import MlflowException
 
@@ -162,7 +169,12 @@ def get_or_create_experiment(client: MlflowClient, name: str, uri: str) -> str:
         local = urlparse(uri).scheme not in _REMOTE_SCHEMES
         location = (project_root() / "mlruns").as_uri() if local else None
         try:
-            return retry_locked(client.create_experiment, name, artifact_location=location)
+            return retry_locked(
+                client.create_experiment,
+                name,
+                artifact_location=location,
+                tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND},
+            )
         except MlflowException:  # created meanwhile by a concurrent stage
             exp = client.get_experiment_by_name(name)
             if exp is None:
@@ -170,4 +182,6 @@ def get_or_create_experiment(client: MlflowClient, name: str, uri: str) -> str:
     if exp.lifecycle_stage == "deleted":
         log.warning("MLflow experiment %r was deleted; restoring it", name)
         retry_locked(client.restore_experiment, exp.experiment_id)
+    if EXPERIMENT_KIND_TAG not in exp.tags:  # created before the kind was set, or by hand
+        retry_locked(client.set_experiment_tag, exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
     return exp.experiment_id

@@ -12,6 +12,12 @@ and retained makes every number meaningless), so the files are checked strictly:
 empty files, malformed lines, wrong columns, empty strings, forget rows repeated in retain, and
 holdout rows that are in forget or retain are one-line errors naming the file and the row.
 
+A QA row may mark the sensitive part of its answer with ``secret`` (a string or a list of
+strings, each occurring in the answer, compared as ``span_words``: ignoring case, spacing and
+punctuation). It is kept on the row, so the evaluator's per-fact leak check
+(``metrics.facts``) asks whether the model still generates that span rather than most of the
+answer's words.
+
 Splits: ``forget`` (qa or text, forget), ``retain`` (utility), ``holdout`` (mia, when given). A
 plain-text forget set also gets ``verbmem_forget`` (completion, forget): each passage longer than
 ``verbmem_prefix_words`` words is cut into a prompt of that many words and the true continuation
@@ -21,6 +27,8 @@ of up to ``verbmem_continuation_words`` words, so that verbatim regurgitation is
 from __future__ import annotations
 
 import logging
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +41,9 @@ from unlearnflow.errors import UnlearnflowError
 logger = logging.getLogger(__name__)
 
 _EXAMPLE_CHARS = 60
+SECRET = "secret"  # the QA-row column marking the sensitive part of an answer
+# A word: a run of letters and digits (any script); everything else separates words.
+WORD = re.compile(r"[^\W_]+")
 
 
 @dataclass(frozen=True)
@@ -102,11 +113,12 @@ def read_custom_file(name: str, path: str | Path) -> CustomFile:
     """Read and check one custom file, the rows of split ``name``; its kind is ``"qa"`` or ``"text"``.
 
     QA rows keep ``question``/``answer`` (and the optional truth-ratio columns, when a user has
-    them); text rows keep ``text``. Other columns are dropped.
+    them) and ``secret`` as a list of spans (a single string becomes a one-element list); text rows
+    keep ``text``. Other columns are dropped.
 
     Raises:
         UnlearnflowError: missing or empty file, malformed JSON, unrecognised or mixed columns,
-            empty or non-string values.
+            empty or non-string values, a secret that is not in its answer or is on a text row.
     """
     path = Path(path).expanduser()
     if not path.is_file():
@@ -129,9 +141,16 @@ def read_custom_file(name: str, path: str | Path) -> CustomFile:
                 f"{where}: a {row_kind} row, but the file's first row is {kind}; use one format per file"
             )
     if kind == "qa":
+        secrets = [r.get(SECRET) for r in rows]  # qa_rows keeps the row order and drops other columns
         rows = qa_rows(rows, str(path))
         columns = ("question", "answer")
     else:
+        marked = next((i for i, r in enumerate(rows) if SECRET in r), None)
+        if marked is not None:
+            raise UnlearnflowError(
+                f"{path} row {marked + 1}: {SECRET!r} marks part of an answer, but this file holds "
+                "plain text; mark secrets on question/answer rows"
+            )
         rows = [{"text": r["text"]} for r in rows]
         columns = ("text",)
     for i, row in enumerate(rows):
@@ -145,6 +164,10 @@ def read_custom_file(name: str, path: str | Path) -> CustomFile:
                 )
             if not value.strip():
                 raise UnlearnflowError(f"{path} row {i + 1}: {col!r} is empty")
+    if kind == "qa":
+        for i, (row, secret) in enumerate(zip(rows, secrets, strict=True)):
+            if secret is not None:
+                row[SECRET] = _checked_secret(secret, row["answer"], f"{path} row {i + 1}")
     return CustomFile(name, path, rows, kind)
 
 
@@ -167,6 +190,55 @@ def verbmem_rows(passages: list[str], cfg: CustomConfig) -> list[dict[str, str]]
                 }
             )
     return out
+
+
+def span_words(text: str) -> list[str]:
+    """The lower-cased words of ``text``: how secrets are compared with answers and generations,
+    so that case, spacing and punctuation never decide a match ("42, Larchmere-Lane" = "42 larchmere lane")."""
+    return WORD.findall(text.lower())
+
+
+def find_span(span: Sequence[str], words: Sequence[str]) -> int | None:
+    """Where the word sequence ``span`` first occurs, as whole words, in ``words``; None if nowhere
+    (or ``span`` is empty)."""
+    n = len(span)
+    if n == 0:
+        return None
+    return next((i for i in range(len(words) - n + 1) if list(words[i : i + n]) == list(span)), None)
+
+
+def secret_spans(value: Any, where: str) -> list[str]:
+    """A row's ``secret`` value as a list of spans: None -> [], a string -> [it], a list kept.
+
+    Raises:
+        UnlearnflowError: not a string or a list of strings, or a span without a letter or digit
+            (it could never be matched), naming ``where``.
+    """
+    if value is None:
+        return []
+    spans = [value] if isinstance(value, str) else value
+    if not isinstance(spans, list) or not spans or not all(isinstance(s, str) for s in spans):
+        raise UnlearnflowError(
+            f"{where}: {SECRET!r} must be a string or a non-empty list of strings, got {value!r}"
+        )
+    empty = [s for s in spans if not span_words(s)]
+    if empty:
+        raise UnlearnflowError(f"{where}: {SECRET!r} {empty[0]!r} has no word to match")
+    return list(spans)
+
+
+def _checked_secret(value: Any, answer: str, where: str) -> list[str]:
+    """``secret_spans``, each of which must occur in ``answer`` (a secret the answer does not state
+    is a typo or a stale edit, and would silently never leak)."""
+    spans = secret_spans(value, where)
+    words = span_words(answer)
+    missing = [s for s in spans if find_span(span_words(s), words) is None]
+    if missing:
+        raise UnlearnflowError(
+            f"{where}: secret {missing[0]!r} does not occur in the answer {answer!r} "
+            "(compared ignoring case, spacing and punctuation)"
+        )
+    return spans
 
 
 def _row_kind(row: dict[str, Any]) -> str | None:

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from unlearnflow.config import looks_local
 from unlearnflow.errors import UnlearnflowError
 
 logger = logging.getLogger(__name__)
@@ -47,7 +48,7 @@ def is_local(source: str) -> bool:
     A path that exists is local; so is one that *looks* like a path (``/``, ``.``, ``~``), so that
     a mistyped local directory is reported as missing instead of being sent to the hub.
     """
-    return source.startswith(("/", ".", "~")) or Path(source).expanduser().exists()
+    return looks_local(source, Path.cwd())
 
 
 def parse_ref(ref: str, default_source: str | None) -> tuple[str, str]:

@@ -1,7 +1,7 @@
 """Evaluation metrics: batched scoring (``scoring``), metric maths (``tofu``, ``memorization``,
 ``mia``), one split run through the model (``scored_split``), the metrics read off it
-(``split_metrics``), the suite that ties them to a benchmark's splits (``suite``) and the
-oracle-relative numbers (``relative``)."""
+(``split_metrics``), the suite that ties them to a benchmark's splits (``suite``), the
+oracle-relative numbers (``relative``) and the per-fact leak check of the forget answers (``facts``)."""
 
 from unlearnflow.metrics.relative import relative_metrics
 from unlearnflow.metrics.scored_split import SuiteOptions

@@ -12,7 +12,7 @@ Definitions: ALGORITHMS.md §5, docs/metrics.md.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -130,9 +130,7 @@ def evaluate_splits(
     mia_requested = requested & {*MIA_ATTACKS, *RELATIVE}
     mia_splits = set(layout.mia or ()) if mia_requested else set()
     if mia_requested and not layout.mia:
-        log.warning(
-            "metrics %s need member / non-member splits, which this benchmark lacks", sorted(mia_requested)
-        )
+        log.warning("%s", missing_mia_warning(mia_requested, layout))
     aggregates: dict[str, float] = {}
     per_sample: dict[str, list[dict]] = {}
     scored: dict[str, ScoredSplit] = {}
@@ -201,6 +199,30 @@ def evaluate_splits(
             if attack in requested:
                 aggregates[attack] = mia.auc(members.mia_scores[attack], nonmembers.mia_scores[attack])
     return EvalResult(aggregates=aggregates, per_sample=per_sample, utility=layout.utility_components())
+
+
+# The splits data.custom.load names, and what it trains the target on: how its layout is recognised
+# (the layout carries no benchmark name; TOFU trains on retain_train, WMDP on its corpora).
+CUSTOM_SPLITS = frozenset({"forget", "retain", "holdout", "verbmem_forget"})
+CUSTOM_TARGET_TRAIN = ["forget", "retain"]
+
+
+def is_custom_layout(layout: Layout) -> bool:
+    """Whether ``layout`` is a user's own data (``benchmark.name: custom``, ``data.custom``)."""
+    return set(layout.info) <= CUSTOM_SPLITS and layout.train.get("target") == CUSTOM_TARGET_TRAIN
+
+
+def missing_mia_warning(requested: Iterable[str], layout: Layout) -> str:
+    """The one-line warning when membership-inference metrics are requested but the benchmark has no
+    member / non-member splits (ALGORITHMS.md §5: AUC of forget vs holdout). On custom data it says
+    how to get them: a holdout file of similar data the model never trained on."""
+    line = f"metrics {sorted(requested)} need member / non-member splits, which this benchmark lacks"
+    if is_custom_layout(layout):
+        line += (
+            "; a holdout file (benchmark.custom.holdout: data like the forget set that the model never "
+            "trained on, rows as in the forget file) would enable them"
+        )
+    return line
 
 
 def _check_perturbed_flag(name: str, info: SplitInfo, rows: Sequence[Mapping[str, Any]]) -> None:
