@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
 import time
@@ -27,7 +26,7 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
-from robustness_study import setup, sh, stage_times
+from robustness_study import pipeline_env, setup, sh, stage_times
 
 ROOT = Path(__file__).resolve().parents[1]
 REQUEST = ROOT / "examples" / "privacy-request"
@@ -56,19 +55,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "privacy-request")
     args = ap.parse_args()
     workdir = args.workdir.resolve()
-    env = {
-        **os.environ,
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-        "DVC_NO_ANALYTICS": "1",
-        "MLFLOW_DISABLE_TELEMETRY": "true",
-        "HF_HUB_OFFLINE": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-        "PYTHONPATH": str(workdir / "src"),
-        "GIT_AUTHOR_NAME": "walkthrough",
-        "GIT_AUTHOR_EMAIL": "walkthrough@example.invalid",
-        "GIT_COMMITTER_NAME": "walkthrough",
-        "GIT_COMMITTER_EMAIL": "walkthrough@example.invalid",
-    }
+    env = pipeline_env(workdir, "walkthrough")
     setup(workdir, env)
     for f in FILES:
         shutil.copy(REQUEST / f"{f}.jsonl", workdir / "inputs" / f"{f}.jsonl")

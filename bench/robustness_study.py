@@ -58,6 +58,24 @@ def sh(cmd: list[str], cwd: Path, env: dict[str, str], log: Path | None = None) 
     return out
 
 
+def pipeline_env(workdir: Path, who: str) -> dict[str, str]:
+    """The environment of a pipeline run in ``workdir``: the venv first on PATH, the workdir's own
+    sources, no telemetry, no hub, and a git identity ``who`` for its commits."""
+    return {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "DVC_NO_ANALYTICS": "1",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "PYTHONPATH": str(workdir / "src"),
+        "GIT_AUTHOR_NAME": who,
+        "GIT_AUTHOR_EMAIL": f"{who}@example.invalid",
+        "GIT_COMMITTER_NAME": who,
+        "GIT_COMMITTER_EMAIL": f"{who}@example.invalid",
+    }
+
+
 def setup(workdir: Path, env: dict[str, str]) -> None:
     """A fresh repository with the project's tracked files (once; later runs reuse it)."""
     if (workdir / ".git").is_dir():
@@ -123,19 +141,7 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "robustness-study")
     args = ap.parse_args()
-    env = {
-        **os.environ,
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-        "DVC_NO_ANALYTICS": "1",
-        "MLFLOW_DISABLE_TELEMETRY": "true",
-        "HF_HUB_OFFLINE": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-        "PYTHONPATH": str(args.workdir.resolve() / "src"),
-        "GIT_AUTHOR_NAME": "study",
-        "GIT_AUTHOR_EMAIL": "study@example.invalid",
-        "GIT_COMMITTER_NAME": "study",
-        "GIT_COMMITTER_EMAIL": "study@example.invalid",
-    }
+    env = pipeline_env(args.workdir.resolve(), "study")
     workdir = args.workdir.resolve()
     setup(workdir, env)
     # The params the workdir's code was copied with (its first commit), not the project's current
