@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup pipeline test lint format bench bench-eval bench-methods bench-ofmu clean
+.PHONY: setup pipeline test lint format study bench bench-eval bench-vs-reference bench-startup bench-train bench-methods bench-ofmu clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -41,6 +41,22 @@ bench: setup
 bench-eval: setup
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro finetune@target
 	$(BIN)/python bench/eval_throughput.py
+
+# The robustness study (docs/robustness.md) as one command: a fresh repository in /tmp, dvc repro of
+# methods × optimizer grades × attacks × seeds, one progress line per stage item.
+study: setup
+	$(BIN)/python bench/robustness_study.py
+
+# REF: a checkout of locuslab/open-unlearning (bench/eval_vs_reference.py imports it, never copies it).
+bench-vs-reference: setup
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro finetune@target finetune@oracle
+	$(BIN)/python bench/eval_vs_reference.py --reference $(REF) --out docs/eval-vs-reference.md
+
+bench-startup: setup
+	$(BIN)/python bench/startup.py --out docs/startup.md
+
+bench-train: setup
+	$(BIN)/python bench/train_throughput.py --out docs/train-throughput.md
 
 bench-methods: setup
 	$(BIN)/python bench/method_step_cost.py

@@ -1,13 +1,14 @@
 """The robustness study of docs/robustness.md: methods × optimizer grades × attacks × seeds, in one command.
 
-Usage: python bench/robustness_study.py [--workdir /tmp/unlearnflow-study] [--regimes default,gentle]
-       [--methods grad_diff,npo] [--optimizers adamw,signadam,zo_adam,fo_zo] [--seeds 0,1,2]
+Usage: python bench/robustness_study.py [--workdir /tmp/unlearnflow-study] [--regimes default]
+       [--methods grad_diff,npo,pdu] [--optimizers adamw,signadam,zo_adam,fo_zo] [--seeds 0,1,2]
        [--out docs/robustness-study]
 
 It is the pipeline itself, not a copy of it: the project's tracked files go into ``--workdir`` (a
 fresh git + DVC repository the first time, reused after), params.yaml gets the study's matrix
 (``unlearn.pairs`` = methods × optimizers, ``attack.names`` = none, quantize_4bit, quantize_8bit,
-relearn, the same attacks as controls on target and oracle) and ``dvc repro`` runs it. Regimes:
+relearn, the same attacks as controls on target and oracle) and ``dvc repro`` runs it, one line of
+progress per stage item (``[k/N] item, elapsed, ETA``). Regimes (``--regimes default,gentle`` for both):
 
 * ``default``: the optimizers' own learning rates (params.yaml, chosen to unlearn: docs/optimizers.md);
 * ``gentle``: every learning rate scaled by ``GENTLE_SCALE`` — unlearning that moves the weights by
@@ -29,6 +30,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import yaml
@@ -39,9 +41,15 @@ ATTACKS = ["none", "quantize_4bit", "quantize_8bit", "relearn"]
 GENTLE_SCALE = 1 / 3
 
 
-def sh(cmd: list[str], cwd: Path, env: dict[str, str], log: Path | None = None) -> list[tuple[float, str]]:
-    """Run ``cmd``; stream to ``log`` when given; return (arrival time, line) pairs; raise with the
-    tail of the output on failure."""
+def sh(
+    cmd: list[str],
+    cwd: Path,
+    env: dict[str, str],
+    log: Path | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> list[tuple[float, str]]:
+    """Run ``cmd``; stream to ``log`` and each line to ``progress`` when given; return (arrival time,
+    line) pairs; raise with the tail of the output on failure."""
     out: list[tuple[float, str]] = []
     with subprocess.Popen(
         cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
@@ -52,6 +60,8 @@ def sh(cmd: list[str], cwd: Path, env: dict[str, str], log: Path | None = None) 
                 out.append((time.time(), line))
                 f.write(line)
                 f.flush()
+                if progress is not None:
+                    progress(line)
     if p.returncode:
         tail = "".join(line for _, line in out[-40:])
         raise SystemExit(f"{' '.join(cmd)} failed ({p.returncode}):\n{tail}")
@@ -116,6 +126,37 @@ def study_params(
     return params
 
 
+def planned_items(params: dict) -> int:
+    """Stage items of one ``dvc repro`` of ``params``: check_params, prepare, finetune ×2, unlearn and
+    attack per pair × seed, evaluate_base ×2, attack_control ×2, report."""
+    models = len(params["unlearn"]["pairs"]) * len(params["unlearn"]["seeds"])
+    return 1 + 1 + 2 + 2 * models + 2 + 2 + 1
+
+
+class Progress:
+    """One line per stage item as DVC starts or skips it: ``[k/N] item, elapsed, ETA`` (the ETA from
+    the mean wall time of the items run so far)."""
+
+    def __init__(self, total: int, tag: str) -> None:
+        self.total, self.tag, self.start = total, tag, time.time()
+        self.done = self.ran = 0
+
+    def __call__(self, line: str) -> None:
+        ran = re.search(r"Running stage '([^']+)'", line)
+        skipped = re.search(r"Stage '([^']+)' didn't change, skipping", line)
+        if not (ran or skipped):
+            return
+        self.done += 1
+        self.ran += bool(ran)
+        elapsed = time.time() - self.start
+        left = max(0, self.total - self.done)
+        eta = elapsed / max(1, self.ran - 1) * left if self.ran > 1 else float("nan")
+        what = "running" if ran else "unchanged"
+        name = (ran or skipped).group(1)  # type: ignore[union-attr]
+        clock = f"{elapsed / 60:.1f} min elapsed" + (f", ~{eta / 60:.0f} min left" if eta == eta else "")
+        print(f"[{self.tag}] [{self.done}/{self.total}] {what} {name} ({clock})", flush=True)
+
+
 def stage_times(lines: list[tuple[float, str]], finished: float) -> dict[str, object]:
     """Wall time per stage (DVC's name before ``@``): each item from its "Running stage" line to the
     next one (or the end); stages DVC skipped cost ~0 and are not counted."""
@@ -132,11 +173,23 @@ def stage_times(lines: list[tuple[float, str]], finished: float) -> dict[str, ob
     }
 
 
+def phase_times(evals: Path) -> dict[str, float]:
+    """Seconds spent in each phase of the attack / evaluate items, summed from their info.json:
+    model loads, each attack (by name) and the metric suite."""
+    total: dict[str, float] = {}
+    for info_file in sorted(evals.rglob("info.json")):
+        info = json.loads(info_file.read_text())
+        for phase, sec in info.get("seconds", {}).items():
+            key = f"attack {info.get('attack')}" if phase == "attack" else phase
+            total[key] = round(total.get(key, 0.0) + sec, 1)
+    return total
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/unlearnflow-study"))
-    ap.add_argument("--regimes", default="default,gentle")
-    ap.add_argument("--methods", default="grad_diff,npo")
+    ap.add_argument("--regimes", default="default")
+    ap.add_argument("--methods", default="grad_diff,npo,pdu")
     ap.add_argument("--optimizers", default="adamw,signadam,zo_adam,fo_zo")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "robustness-study")
@@ -163,9 +216,14 @@ def main() -> None:
         log.write_text("")
         print(f"[{regime}] dvc repro in {workdir} (log: {log})", flush=True)
         start = time.time()
-        lines = sh([sys.executable, "-m", "dvc", "repro"], workdir, env, log)
+        progress = Progress(planned_items(params), regime)
+        lines = sh([sys.executable, "-m", "dvc", "repro"], workdir, env, log, progress)
         end = time.time()
-        timing = {"wall_s": round(end - start, 1), **stage_times(lines, end)}
+        timing = {
+            "wall_s": round(end - start, 1),
+            **stage_times(lines, end),
+            "phases_s": phase_times(workdir / "eval"),
+        }
         dest = args.out / regime
         shutil.rmtree(dest, ignore_errors=True)
         dest.mkdir(parents=True)

@@ -1,25 +1,62 @@
-"""Stage `attack`: apply one attack (none, noise, quantize, relearn) to one model.
+"""Stage `attack`: every attack of a list on one model, each evaluated, in one process.
 
-The model is an unlearned checkpoint (item ``<method>-<optimizer>-s<seed>``) or, as a control, the
-target or the oracle. Beside the attacked checkpoint goes ``attack.json``: the attack's section,
-its statistics, what ``evaluate`` must know (rows a relearning attack trained on, its recovery
-curve) and the unlearning's weight change from the target (copied from the unlearned item).
+The model is an unlearned checkpoint (``attack.names``, item ``<method>-<optimizer>-s<seed>``) or,
+as a control, the target or the oracle (``attack.controls``). Each attack is applied in memory to a
+fresh load of the model and the attacked model is evaluated at once into ``--out/<attack>/``
+(metrics.json, info.json with the attack's statistics and what it excluded, samples/), with its own
+MLflow run ``evaluate-<item>-<attack>`` (relearning's recovery curve as a metric history): one
+process and no checkpoint copy per attack, where a process and a saved checkpoint per attack made
+the attacks cost more than the evaluations.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import typer
 
-from unlearnflow import cli, modeling, tracking
-from unlearnflow.attacks import AttackContext, build_attack
-from unlearnflow.config import AttackConfig, ComputeConfig, ModelConfig, load_section
-from unlearnflow.io import atomic_dir, link_or_copy_tree, read_json, write_json
+from unlearnflow import cli
+from unlearnflow.config import AttackConfig, load_section
+from unlearnflow.errors import UnlearnflowError
+from unlearnflow.evaluation import Evaluation, model_info
+from unlearnflow.io import atomic_dir
+
+if TYPE_CHECKING:
+    from unlearnflow.attacks import Attack
+    from unlearnflow.tracking import StageRun
 
 app = cli.stage_app(__doc__)
-ATTACK_FILE = "attack.json"
-WEIGHT_CHANGE_FILE = "weight_change.json"
+LISTS = ("names", "controls")
+
+
+def attack_list(params: Path, which: str) -> dict[str, Attack]:
+    """The attacks of ``attack.<which>`` (names | controls) by name, each built from its section:
+    every section is checked here, before any model loads."""
+    from unlearnflow.attacks import build_attack
+
+    if which not in LISTS:
+        raise UnlearnflowError(f"--attacks must be one of {', '.join(LISTS)}, got {which!r}")
+    cfg = load_section(params, "attack", AttackConfig)
+    return {a: build_attack(a, cfg) for a in getattr(cfg, which)}
+
+
+def applying(atk: Attack, splits: Path, params: Path, device: Any):
+    """The ``Evaluation.run`` change that applies ``atk`` to the loaded model and logs what it did."""
+    from unlearnflow.attacks import AttackContext
+
+    def change(net: Any, tok: Any, run: StageRun) -> tuple[dict[str, Any], dict[str, frozenset[int]]]:
+        ctx = AttackContext(tokenizer=tok, splits=splits, params=params, device=device)
+        stats = atk.apply(net, ctx) if atk.modifies_weights else {}
+        net.zero_grad(set_to_none=True)  # a relearning attack leaves its last gradients behind
+        run.log_metrics({f"attack.{k}": v for k, v in stats.items()})
+        for point in ctx.extras.get("curve", []):  # relearning's recovery curve, step by step
+            run.log_metrics({f"curve_{k}": v for k, v in point.items() if k != "step"}, step=point["step"])
+        # A relearning attack's pool: rows it (may have) trained on, never evaluated.
+        exclude = {s: frozenset(rows) for s, rows in ctx.extras.get("exclude", {}).items()}
+        return {"attack_kind": atk.args.kind, "attack_stats": stats, **ctx.extras}, exclude
+
+    return change
 
 
 @app.command()
@@ -27,49 +64,32 @@ def main(
     item: str = typer.Argument(
         ..., help="the attacked model's item: <method>-<optimizer>-s<seed>, target or oracle"
     ),
-    attack: str = typer.Argument(..., help="attack name (an attack.names or attack.controls item)"),
+    attacks: str = typer.Option(..., help="names | controls: the attack.* list to run"),
     model: Path = typer.Option(..., help="model directory to attack"),
     splits: Path = typer.Option(..., help="directory written by `prepare` (relearning trains on its rows)"),
-    out: Path = typer.Option(..., help="attacked model directory to write"),
+    oracle: str = typer.Option(..., help="the oracle's per-sample directory, or 'self' for the oracle"),
+    out: Path = typer.Option(..., help="output directory: one <attack>/ evaluation per attack"),
+    method: str = typer.Option(None, help="method of an unlearned model"),
+    optimizer: str = typer.Option(None, help="optimizer of an unlearned model"),
+    seed: int = typer.Option(None, help="unlearn seed of an unlearned model"),
+    role: str = typer.Option(None, help="target | oracle | unlearned (default: from the item)"),
     params: Path = typer.Option(Path("params.yaml"), help="params file"),
 ) -> None:
-    """Attack MODEL and save the attacked model with attack.json."""
+    """Apply each attack of attack.ATTACKS to MODEL in turn and evaluate the attacked model."""
     with cli.user_errors():
-        cfg = load_section(params, "attack", AttackConfig)
-        model_cfg = load_section(params, "model", ModelConfig)
-        device = modeling.pick_device(load_section(params, "compute", ComputeConfig).device)
-        atk = build_attack(attack, cfg)  # section checked: fails before any model loads
-        section = atk.args.model_dump()
-        run_ctx = tracking.stage_run(
-            "attack",
-            f"{item}-{attack}",
-            experiment=cli.experiment_name(params),
-            params={"attack": {"name": attack, **section}},
-            upstream=[model / "run.json"],
-        )
-        with run_ctx as run, atomic_dir(out) as tmp:
-            ctx = AttackContext(splits=splits, params=params, device=device)
-            if atk.modifies_weights:
-                tok = modeling.load_tokenizer(model, trust_remote_code=model_cfg.trust_remote_code)
-                net = modeling.load_model(model, device=device, trust_remote_code=model_cfg.trust_remote_code)
-                ctx.tokenizer = tok
-                stats = atk.apply(net, ctx)
-                modeling.save_pretrained(net, tok, tmp)
-            else:
-                stats = {}
-                link_or_copy_tree(model, tmp)
-                for stale in ("run.json", "steps.jsonl", "health.json", ATTACK_FILE):
-                    (tmp / stale).unlink(missing_ok=True)  # the upstream run's, not this attack's
-            run.log_metrics(stats)
-            for point in ctx.extras.get("curve", []):  # relearning's recovery curve, step by step
-                run.log_metrics(
-                    {f"curve_{k}": v for k, v in point.items() if k != "step"}, step=point["step"]
+        built = attack_list(params, attacks)
+        evaluation = Evaluation.from_params(model, splits, oracle, params)
+        info = model_info(item, role, model, method=method, optimizer=optimizer, seed=seed)
+        # Every attack's output appears together with the others or not at all (one rename).
+        with atomic_dir(out) as tmp:
+            for name, atk in built.items():
+                evaluation.run(
+                    f"{item}-{name}",
+                    {**info, "attack": name},
+                    tmp / name,
+                    change=applying(atk, splits, params, evaluation.device),
+                    logged_params={"attack": {"name": name, **atk.args.model_dump()}},
                 )
-            record = {"name": attack, "section": section, "stats": stats, **ctx.extras}
-            if (model / WEIGHT_CHANGE_FILE).is_file():
-                record["weight_change"] = read_json(model / WEIGHT_CHANGE_FILE)
-            write_json(tmp / ATTACK_FILE, record)
-            run.write_manifest(tmp / "run.json")
 
 
 if __name__ == "__main__":

@@ -6,13 +6,12 @@ from pathlib import Path
 
 import typer
 
-from unlearnflow import cli, modeling, tracking, train
+from unlearnflow import cli, modeling, tracking
 from unlearnflow.config import ComputeConfig, FinetuneConfig, ModelConfig, TrackingConfig, load_section
 from unlearnflow.data import splits as split_io
 from unlearnflow.data.tokenize import PromptFormat, training_examples
 from unlearnflow.errors import UnlearnflowError
 from unlearnflow.io import atomic_dir, link_or_copy_tree, write_json, write_jsonl
-from unlearnflow.methods import build_method
 
 app = cli.stage_app(__doc__)
 ROLES = ("target", "oracle")
@@ -26,6 +25,10 @@ def main(
     params: Path = typer.Option(Path("params.yaml"), help="params file"),
 ) -> None:
     """Fine-tune ROLE's model on its training rows, or adopt a ready checkpoint given in params."""
+    # The training loop and the methods import torch: here, not above, so that --help costs none.
+    from unlearnflow import train
+    from unlearnflow.methods import build_method
+
     with cli.user_errors():
         if role not in ROLES:
             raise UnlearnflowError(f"role must be one of {ROLES}, got {role!r}")

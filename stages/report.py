@@ -22,7 +22,10 @@ log = logging.getLogger("report")
 
 @app.command()
 def main(
-    evals: Path = typer.Option(..., help="directory holding one evaluate output per model"),
+    evals: Path = typer.Option(
+        ...,
+        help="evaluate outputs: <evals>/{target,oracle}/, <evals>/<item>/<attack>/, <evals>/<base>-controls/<attack>/",
+    ),
     unlearned: Path = typer.Option(
         ..., help="directory holding one unlearn output (health.json, item.json, steps.jsonl) per item"
     ),
@@ -43,17 +46,22 @@ def main(
         ]
         names = ["target", "oracle"] + [cli.item_name(m, o, s, a) for m, o, s, a in items]
         names += [f"{base}-{a}" for a in attack.controls for base in ("target", "oracle")]
+        dirs = [evals / "target", evals / "oracle"]
+        dirs += [evals / cli.item_name(m, o, s) / a for m, o, s, a in items]
+        dirs += [evals / f"{base}-controls" / a for a in attack.controls for base in ("target", "oracle")]
         health = [None, None] + [unlearned / cli.item_name(m, o, s) / "health.json" for m, o, s, _ in items]
         health += [None] * (len(names) - len(health))
         # Read and check every input before opening a run: a malformed file is one line, nothing else.
-        every = report.collect_rows([evals / n for n in names], health)
+        every = report.collect_rows(dirs, health)
         # Controls (target / oracle under an attack) are read in the robustness tables and listed
         # among every run; the main table and its comparisons keep one target and one oracle.
         rows = [r for r in every if not robustness.is_control(r)]
-        records = robustness.attach_attack_info(every, [evals / n for n in names])
+        records = robustness.attach_attack_info(every, dirs)
         kinds = {a: attack.args(a).kind for a in dict.fromkeys([*attack.names, *attack.controls])}
         # Per-fact outcomes of every model, in report order (target, oracle, items, controls).
-        facts = [f for n in names if (f := report_facts.read_facts(evals / n)) is not None]
+        facts = [
+            f for n, d in zip(names, dirs, strict=True) if (f := report_facts.read_facts(d, n)) is not None
+        ]
         baseline = next((a for a in attack.names if kinds[a] == "none"), None)
         robust = robustness.summarize(records, attack.names, attack.controls, kinds)
         groups = spread.group_rows(rows)
@@ -65,7 +73,7 @@ def main(
             },
             "attack": {"names": attack.names, "controls": attack.controls},
         }
-        upstream = [evals / n / "samples" / "run.json" for n in names]
+        upstream = [d / "samples" / "run.json" for d in dirs]
         with tracking.stage_run(
             "report", None, experiment=cli.experiment_name(params), params=logged, upstream=upstream
         ) as run:

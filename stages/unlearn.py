@@ -6,15 +6,13 @@ from pathlib import Path
 
 import typer
 
-from unlearnflow import cli, modeling, tracking, train
+from unlearnflow import cli, modeling, tracking
 from unlearnflow.config import ComputeConfig, ModelConfig, TrackingConfig, UnlearnConfig, load_section
 from unlearnflow.data import splits as split_io
 from unlearnflow.data.refusals import idk_rows
 from unlearnflow.data.tokenize import PromptFormat, training_examples
 from unlearnflow.io import atomic_dir, write_json, write_jsonl
 from unlearnflow.matrix import check_pair, item_config
-from unlearnflow.methods import build_method
-from unlearnflow.weights import weight_change
 
 app = cli.stage_app(__doc__)
 
@@ -30,6 +28,12 @@ def main(
     params: Path = typer.Option(Path("params.yaml"), help="params file"),
 ) -> None:
     """Unlearn MODEL on the forget split (retain split alongside) and save the result."""
+    # The training loop, the methods and the weight comparison import torch: here, not above, so
+    # that --help costs none.
+    from unlearnflow import train
+    from unlearnflow.methods import build_method
+    from unlearnflow.weights import weight_change
+
     with cli.user_errors():
         # The seed comes from the matrix item, not from the seeds list (not a dep of each item).
         cfg, schedule_from = item_config(

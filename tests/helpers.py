@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import re
 from pathlib import Path
 from types import ModuleType
 
@@ -51,6 +52,20 @@ def mean_prob(model, tok, pairs) -> float:
             batch["labels"],
         )
     return float(torch.exp(-seq / n).mean())
+
+
+def eval_dir(root: Path, name: str) -> Path:
+    """Where the pipeline puts the evaluation called ``name`` under ``root/eval``: ``target`` /
+    ``oracle`` as they are, ``<base>-<attack>`` (controls) under ``<base>-controls/<attack>``,
+    ``<method>-<optimizer>-s<seed>-<attack>`` under ``<method>-<optimizer>-s<seed>/<attack>``;
+    any other name (collect_rows alone reads any directories) under its own name."""
+    if name in ("target", "oracle"):
+        return root / "eval" / name
+    base, attack = name.split("-", 1)
+    if base in ("target", "oracle"):
+        return root / "eval" / f"{base}-controls" / attack
+    match = re.fullmatch(r"(.+-s\d+)-(.+)", name)
+    return root / "eval" / match[1] / match[2] if match else root / "eval" / name  # a free name
 
 
 def run_report_stage(root: Path, params: dict) -> None:

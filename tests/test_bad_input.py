@@ -1,5 +1,6 @@
 """Bad input through the stage CLIs: one ``error:`` line and exit code 2, never a traceback; and
-evaluate's outputs appear together or not at all; a relearn attack through the attack and evaluate stages.
+evaluate's outputs appear together or not at all; the attack stage's attacks (relearning among them),
+each evaluated, in one process.
 
 In process (typer's CliRunner), on a tiny synthetic benchmark and the tiny Llama of conftest, so no
 subprocess pays for importing transformers.
@@ -83,7 +84,7 @@ def test_corrupt_oracle_samples_are_one_line_errors(cwd, line, expected):
     assert not (cwd / "eval-bad").exists()
 
 
-@pytest.mark.parametrize("stage", ["attack", "unlearn"])
+@pytest.mark.parametrize("stage", ["attack", "evaluate", "unlearn"])
 def test_truncated_safetensors_is_a_one_line_error(cwd, stage):
     """Half a model.safetensors (a copy cut short): every stage that reads weights names the model
     and says the weights are truncated or corrupt, instead of a 40-line SafetensorError traceback."""
@@ -97,11 +98,13 @@ def test_truncated_safetensors_is_a_one_line_error(cwd, stage):
     weights.write_bytes(data[: len(data) // 2])
     model = ["--model", str(broken)]
     args = {
-        "attack": ["m-o-s0", "noise", *model, "--splits", "splits", "--out", "out-a"],
-        "unlearn": ["grad_ascent", "adamw", "--seed", "0", *model, "--splits", "splits", "--out", "out-u"],
+        "attack": ["m-o-s0", "--attacks", "names", *model, "--splits", "splits", "--oracle", "self"],
+        "evaluate": ["m-o-s0", *model, "--splits", "splits", "--oracle", "self"],
+        "unlearn": ["grad_ascent", "adamw", "--seed", "0", *model, "--splits", "splits"],
     }[stage]
-    result = invoke(stage, args)
+    result = invoke(stage, [*args, "--out", f"out-{stage}"])
     assert_one_line_error(result, f"cannot load model from {broken}", "truncated or corrupt")
+    assert not (cwd / f"out-{stage}").exists()
 
 
 def test_evaluate_outputs_appear_together(cwd):
@@ -117,54 +120,85 @@ def test_evaluate_outputs_appear_together(cwd):
 def test_evaluate_failure_after_samples_leaves_no_output(cwd, monkeypatch):
     """metrics.json fails to write after the samples and info.json are written: none of the three
     appears, and no temp directory is left beside the output."""
+    from unlearnflow import evaluation
+
     stage = load_stage("evaluate")
-    real = stage.write_json
+    real = evaluation.write_json
 
     def failing(path, obj):
         if Path(path).name == "metrics.json":
             raise OSError("disk full")
         real(path, obj)
 
-    monkeypatch.setattr(stage, "write_json", failing)
+    monkeypatch.setattr(evaluation, "write_json", failing)
     result = CliRunner().invoke(stage.app, [*evaluate_args("eval-fail"), "--params", "params.yaml"])
     assert isinstance(result.exception, OSError), result.output
     assert not (cwd / "eval-fail").exists()
     assert not list(cwd.glob(".eval-fail*"))
 
 
-def test_relearn_attack_writes_its_pool_and_curve_and_evaluate_skips_the_pool(cwd):
-    """The attack stage on a tiny model: attack.json lists the relearn pool and the curve (also an
-    MLflow metric history, one point per step count); evaluate then scores only the held-out forget
-    rows and carries the curve into info.json."""
+def test_attacks_run_in_one_process_each_with_its_outputs_and_run(cwd):
+    """``--attacks names`` with none, noise and relearn: one output directory per attack, each with
+    metrics.json, info.json and samples/ and its own finished MLflow run; none equals a plain
+    evaluation of the same model; relearning records its pool and curve (info.json and the run's
+    metric history, one point per step count) and its forget rows skip the pool."""
     from mlflow.tracking import MlflowClient
 
     params = yaml.safe_load((cwd / "params.yaml").read_text())
+    params["attack"]["names"] = ["none", "noise", "relearn"]
     params["attack"]["relearn"].update(n=2, steps=[1, 2], batch_size=2, curve_metrics=["prob"])
     params["evaluate"]["max_samples"] = None
     (cwd / "params-relearn.yaml").write_text(yaml.safe_dump(params))
     stage_args = ["--params", "params-relearn.yaml"]
-    args = ["m-o-s0", "relearn", "--model", "model", "--splits", "splits", "--out", "att-relearn"]
-    result = CliRunner().invoke(load_stage("attack").app, [*args, *stage_args])
+    args = ["m-o-s0", "--attacks", "names", "--model", "model", "--splits", "splits", "--oracle", "self"]
+    result = CliRunner().invoke(load_stage("attack").app, [*args, "--out", "eval-attacks", *stage_args])
     assert result.exit_code == 0, result.output
-    attack = json.loads((cwd / "att-relearn" / "attack.json").read_text())
-    pool = set(attack["exclude"]["forget"])
-    assert [p["step"] for p in attack["curve"]] == [0, 1, 2] and set(attack["trained_rows"]["forget"]) <= pool
-    client = MlflowClient(tracking_uri=f"sqlite:///{cwd / 'mlflow.db'}")
-    run = client.search_runs(
-        [client.get_experiment_by_name("unlearnflow-synthetic").experiment_id],
-        filter_string="tags.mlflow.runName = 'attack-m-o-s0-relearn'",
-    )[0]
-    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "curve_forget_prob")) == [
-        0,
-        1,
-        2,
-    ]
+    out = cwd / "eval-attacks"
+    assert sorted(p.name for p in out.iterdir()) == ["noise", "none", "relearn"]
+    for attack in ("none", "noise", "relearn"):
+        assert sorted(p.name for p in (out / attack).iterdir()) == ["info.json", "metrics.json", "samples"]
+        info = json.loads((out / attack / "info.json").read_text())
+        assert info["attack"] == attack and info["model"] == "unlearned"
+    plain = ["m-o-s0-none", "--model", "model", "--splits", "splits", "--oracle", "self", "--attack", "none"]
+    result = CliRunner().invoke(load_stage("evaluate").app, [*plain, "--out", "eval-plain", *stage_args])
+    assert result.exit_code == 0, result.output
+    none = json.loads((out / "none" / "metrics.json").read_text())
+    assert none == json.loads((cwd / "eval-plain" / "metrics.json").read_text())
+    noise = json.loads((out / "noise" / "metrics.json").read_text())
+    assert noise["forget_prob"] != none["forget_prob"]  # the attack changed the weights evaluated
 
-    evaluate = ["m-o-s0-relearn", "--model", "att-relearn", "--splits", "splits", "--oracle", "self"]
-    result = CliRunner().invoke(load_stage("evaluate").app, [*evaluate, "--out", "eval-relearn", *stage_args])
-    assert result.exit_code == 0, result.output
-    rows = [json.loads(line) for line in (cwd / "eval-relearn/samples/forget.jsonl").read_text().splitlines()]
+    info = json.loads((out / "relearn" / "info.json").read_text())
+    pool = set(info["exclude"]["forget"])
+    assert info["attack_kind"] == "relearn" and [p["step"] for p in info["curve"]] == [0, 1, 2]
+    assert set(info["trained_rows"]["forget"]) <= pool
+    rows = [json.loads(line) for line in (out / "relearn/samples/forget.jsonl").read_text().splitlines()]
     n_forget = json.loads((cwd / "splits" / "manifest.json").read_text())["counts"]["forget"]
     assert {r["index"] for r in rows} == set(range(n_forget)) - pool
-    info = json.loads((cwd / "eval-relearn" / "info.json").read_text())
-    assert info["attack_kind"] == "relearn" and info["curve"] == attack["curve"]
+    client = MlflowClient(tracking_uri=f"sqlite:///{cwd / 'mlflow.db'}")
+    runs = {
+        r.info.run_name: r
+        for r in client.search_runs(
+            [client.get_experiment_by_name("unlearnflow-synthetic").experiment_id],
+            filter_string="tags.`unlearnflow.item` LIKE 'm-o-s0-%'",
+        )
+    }
+    assert {f"evaluate-m-o-s0-{a}" for a in ("none", "noise", "relearn")} <= runs.keys()
+    relearn = runs["evaluate-m-o-s0-relearn"]
+    assert relearn.info.status == "FINISHED" and relearn.data.params["attack.name"] == "relearn"
+    assert "attack.relearn_steps" in relearn.data.metrics and "forget_prob" in relearn.data.metrics
+    history = client.get_metric_history(relearn.info.run_id, "curve_forget_prob")
+    assert sorted(m.step for m in history) == [0, 1, 2]
+
+
+def test_a_bad_attack_section_fails_before_any_model_loads(cwd):
+    """An attack of attack.names with a bad section: one line naming it, no output."""
+    params = yaml.safe_load((cwd / "params.yaml").read_text())
+    params["attack"]["names"] = ["none", "noise"]
+    params["attack"]["noise"] = {"sigma": -1.0}
+    (cwd / "params-bad.yaml").write_text(yaml.safe_dump(params))
+    args = ["m-o-s0", "--attacks", "names", "--model", "missing", "--splits", "splits", "--oracle", "self"]
+    result = CliRunner().invoke(
+        load_stage("attack").app, [*args, "--out", "eval-bad-attack", "--params", "params-bad.yaml"]
+    )
+    assert_one_line_error(result, "attack.noise")
+    assert not (cwd / "eval-bad-attack").exists()

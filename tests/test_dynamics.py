@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import yaml
-from helpers import ROOT, run_report_stage
+from helpers import ROOT, eval_dir, run_report_stage
 
 from unlearnflow.dynamics import methods_table, plot_dynamics, read_run
 from unlearnflow.io import write_json, write_jsonl
@@ -80,12 +80,12 @@ def test_report_stage_adds_methods_table_and_dynamics_figure(tmp_path: Path) -> 
     none = {"method": None, "optimizer": None, "attack": None, "seed": None}
     metrics = {"forget_quality": 0.5, "model_utility": 0.6, "forget_prob": 0.2}
     for name, info in (("target", {"model": "target", **none}), ("oracle", {"model": "oracle", **none})):
-        write_json(tmp_path / "eval" / name / "info.json", info)
-        write_json(tmp_path / "eval" / name / "metrics.json", metrics)
+        write_json(eval_dir(tmp_path, name) / "info.json", info)
+        write_json(eval_dir(tmp_path, name) / "metrics.json", metrics)
     for s in (0, 1):
         info = {"model": "unlearned", "method": "pdu", "optimizer": "adamw", "attack": "none", "seed": s}
-        write_json(tmp_path / "eval" / f"pdu-adamw-s{s}-none" / "info.json", info)
-        write_json(tmp_path / "eval" / f"pdu-adamw-s{s}-none" / "metrics.json", metrics)
+        write_json(eval_dir(tmp_path, f"pdu-adamw-s{s}-none") / "info.json", info)
+        write_json(eval_dir(tmp_path, f"pdu-adamw-s{s}-none") / "metrics.json", metrics)
         _item(tmp_path, f"pdu-adamw-s{s}", lr=2e-4, wall=2.0, rows=_pdu_rows([100, 105, 103]))
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["unlearn"].update(pairs=[{"method": "pdu", "optimizer": "adamw"}], seeds=[0, 1])

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import ROOT
+from helpers import ROOT, eval_dir
 
 pytestmark = pytest.mark.e2e
 
@@ -178,7 +178,8 @@ def test_repro_writes_the_report(repo):
 def test_metrics_and_per_sample_files(repo):
     path, _, _, _ = repo
     for name in ["target", "oracle", *item_names(), *CONTROLS]:
-        metrics = json.loads((path / "eval" / name / "metrics.json").read_text())
+        out = eval_dir(path, name)
+        metrics = json.loads((out / "metrics.json").read_text())
         assert {
             "forget_quality",
             "model_utility",
@@ -186,35 +187,30 @@ def test_metrics_and_per_sample_files(repo):
             "retain_rouge",
             "facts_leaked",
         } <= metrics.keys()
-        samples = path / "eval" / name / "samples"
+        samples = out / "samples"
         forget = [json.loads(line) for line in (samples / "forget.jsonl").read_text().splitlines()]
         assert all(math.isfinite(r["truth_ratio"]) for r in forget)
         assert {r["fact_outcome"] for r in forget} <= {"leaked", "refused", "degenerate", "wrong"}
         if name.endswith("-relearn"):
             # Relearning's pool (half the forget rows) is never evaluated; its curve is on the rest.
-            attack = json.loads((path / "attacked" / name / "attack.json").read_text())
-            pool = set(attack["exclude"]["forget"])
+            info = json.loads((out / "info.json").read_text())
+            pool = set(info["exclude"]["forget"])
             assert len(pool) == 4 and len(forget) == 4 and not pool & {r["index"] for r in forget}
-            assert set(attack["trained_rows"]["forget"]) <= pool
-            info = json.loads((path / "eval" / name / "info.json").read_text())
+            assert set(info["trained_rows"]["forget"]) <= pool
             assert [p["step"] for p in info["curve"]] == [0, 1, 2] and info["attack_kind"] == "relearn"
         else:
             assert len(forget) == 8
         assert (samples / "run.json").exists()
+    # Attacks run in memory: no attacked checkpoint is written, only evaluations.
+    assert not (path / "attacked").exists()
     for name in unlearn_names():
         change = json.loads((path / "unlearned" / name / "weight_change.json").read_text())
         assert change["rel_change"] > 0 and 0 <= change["q4_code_change"] <= 1
-    quantized = json.loads((path / "eval" / "target-quantize_4bit" / "info.json").read_text())
+    quantized = json.loads((eval_dir(path, "target-quantize_4bit") / "info.json").read_text())
     assert quantized["model"] == "target" and quantized["attack_stats"]["quantized_layers"] > 0
     manifest = json.loads((path / "data" / "splits" / "manifest.json").read_text())
     assert manifest["counts"]["forget"] == 8  # 1 author × 8 attributes × 1 template
-    for model in (
-        "models/target",
-        "models/oracle",
-        "unlearned/pdu-adamw-s1",
-        "attacked/grad_diff-adamw-s0-quantize_4bit",
-        "attacked/oracle-relearn",
-    ):
+    for model in ("models/target", "models/oracle", "unlearned/pdu-adamw-s1"):
         weights = path / model / "model.safetensors"
         mask = os.umask(0)
         os.umask(mask)
@@ -243,8 +239,7 @@ def test_mlflow_has_a_finished_run_per_stage_item(repo):
         "report",
     }
     expected |= {f"unlearn-{u}" for u in unlearn_names()}
-    expected |= {f"attack-{n}" for n in item_names()} | {f"evaluate-{n}" for n in item_names()}
-    expected |= {f"attack-{n}" for n in CONTROLS} | {f"evaluate-{n}" for n in CONTROLS}
+    expected |= {f"evaluate-{n}" for n in [*item_names(), *CONTROLS]}
     assert expected <= by_name.keys()
     assert all(r.info.status == "FINISHED" for r in runs)
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI opens on runs
@@ -265,9 +260,11 @@ def test_mlflow_has_a_finished_run_per_stage_item(repo):
     assert unlearn.data.tags["upstream.finetune-target"] == by_name["finetune-target"].info.run_id
     assert unlearn.data.params["method.alpha"] == "1.0"
     assert len(client.get_metric_history(unlearn.info.run_id, "loss")) >= 1
-    relearn = by_name["attack-grad_diff-adamw-s0-relearn"]
+    relearn = by_name["evaluate-grad_diff-adamw-s0-relearn"]
     curve = client.get_metric_history(relearn.info.run_id, "curve_forget_prob")
     assert sorted(m.step for m in curve) == [0, 1, 2]  # the recovery curve, one point per step count
+    assert relearn.data.tags["dvc.stage"] == "attack@pair0-0"  # the attack item that ran it
+    assert relearn.data.params["attack.name"] == "relearn" and "attack.relearn_steps" in relearn.data.metrics
     evaluation = by_name["evaluate-grad_diff-adamw-s0-none"]
     assert "forget_quality" in evaluation.data.metrics
     assert len(by_name["prepare"].inputs.dataset_inputs) >= 5
@@ -288,7 +285,7 @@ def test_a_method_override_reruns_that_method_only(repo):
     unlearn = {name for name in stale if name.startswith("unlearn@")}
     # DVC names items by the pair's index: pdu is pairs[1].
     assert unlearn == {"unlearn@pair1-0", "unlearn@pair1-1"}, sorted(stale)
-    assert not any(name.startswith(("unlearn@pair0", "attack@pair0", "evaluate@pair0")) for name in stale)
+    assert not any(name.startswith(("unlearn@pair0", "attack@pair0")) for name in stale)
 
 
 def test_exp_run_reruns_only_what_changed(repo):

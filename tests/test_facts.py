@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import ROOT, load_stage, run_report_stage
+from helpers import ROOT, eval_dir, load_stage, run_report_stage
 from typer.testing import CliRunner
 
 from unlearnflow.data.refusals import refusals
@@ -238,7 +238,7 @@ def _fact_eval(root: Path, name: str, info: dict, generations: list[str]) -> Non
         for i, ((q, a), g) in enumerate(zip(qa, generations, strict=True))
     ]
     rows = fact_rows(sample)
-    d = root / "eval" / name
+    d = eval_dir(root, name)
     write_jsonl(d / "samples" / "forget.jsonl", rows)
     write_json(d / "info.json", {**info, "facts": {"split": "forget", "verdict": verdict(name, rows)}})
     write_json(d / "metrics.json", {"forget_prob": 0.5, "model_utility": 0.5, **fact_counts(rows)})

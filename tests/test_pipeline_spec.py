@@ -60,17 +60,18 @@ READS = {
         ("model", ModelConfig, {"base", "target", "oracle", "scratch"}),
         ("compute", ComputeConfig, set()),
     ],
-    "evaluate": [("evaluate", EvaluateConfig, set()), ("compute", ComputeConfig, set())],
-    # An attack reads its own section (attack.${item.attack}), and relearning's curve the evaluate ones.
+    "evaluate_base": [("evaluate", EvaluateConfig, set()), ("compute", ComputeConfig, set())],
+    # attack and attack_control run the attacks of attack.names / attack.controls in process, each
+    # evaluated; relearning's curve reads the evaluate settings too.
     **{
         stage: [
             ("evaluate", EvaluateConfig, set()),
+            ("attack", AttackConfig, set()),
             ("model", ModelConfig, {"base", "target", "oracle", "scratch"}),
             ("compute", ComputeConfig, set()),
         ]
         for stage in ("attack", "attack_control")
     },
-    "evaluate_base": [("evaluate", EvaluateConfig, set()), ("compute", ComputeConfig, set())],
 }
 
 
@@ -84,7 +85,7 @@ def test_declared_params_cover_every_field_read(stage):
             assert covered(key, declared), f"{stage} reads {key} but dvc.yaml does not declare it"
 
 
-SEEDED = ("unlearn", "attack", "evaluate")
+SEEDED = ("unlearn", "attack")
 
 
 @pytest.mark.parametrize("stage", SEEDED)
@@ -93,8 +94,7 @@ def test_seed_axis_is_a_matrix_item_on_the_command_line(stage):
     directories ``-s<seed>``; the list itself is no params dep (a new seed must not rerun the others)."""
     body = DVC[stage]
     assert body["matrix"]["seed"] == "${unlearn.seeds}"
-    # As --seed, or inside the item name the attack stage takes (<method>-<optimizer>-s<seed>).
-    assert "--seed ${item.seed}" in body["cmd"] or "-s${item.seed} ${item.attack}" in body["cmd"]
+    assert "--seed ${item.seed}" in body["cmd"]
     outs = [o if isinstance(o, str) else next(iter(o)) for o in [*body["outs"], *body.get("metrics", [])]]
     assert outs and all("${item.pair.method}-${item.pair.optimizer}-s${item.seed}" in o for o in outs), outs
     assert not any(p.startswith("unlearn.seed") for p in stage_params(stage))
@@ -120,7 +120,7 @@ def test_unlearn_seed_is_a_list_of_distinct_seeds():
 def test_matrix_items_declare_their_own_args():
     assert "unlearn.method_args.${item.pair.method}" in stage_params("unlearn")
     assert "unlearn.optimizer_args.${item.pair.optimizer}" in stage_params("unlearn")
-    assert "attack.${item.attack}" in stage_params("attack")
+    assert "attack" in stage_params("attack")  # every attack of attack.names runs in the item
 
 
 def test_params_yaml_has_args_for_every_listed_name():
@@ -135,12 +135,13 @@ def test_params_yaml_has_args_for_every_listed_name():
 
 
 def test_controls_attack_target_and_oracle_and_are_evaluated():
-    """Every control attack runs on both base models and its output is what evaluate_control reads."""
-    for stage in ("attack_control", "evaluate_control"):
-        assert DVC[stage]["matrix"] == {"base": ["target", "oracle"], "attack": "${attack.controls}"}
-    assert "attacked/${item.base}-${item.attack}" in DVC["attack_control"]["outs"]
-    assert "attacked/${item.base}-${item.attack}" in DVC["evaluate_control"]["deps"]
-    assert "--role ${item.base}" in DVC["evaluate_control"]["cmd"]
+    """Every control attack runs on both base models, in one attack_control item per base."""
+    assert DVC["attack_control"]["foreach"] == ["target", "oracle"]
+    body = DVC["attack_control"]["do"]
+    assert "--attacks controls" in body["cmd"] and "--role ${item}" in body["cmd"]
+    assert "models/${item}" in body["deps"] and body["outs"] == ["eval/${item}-controls"]
+    assert "--attacks names" in DVC["attack"]["cmd"]
+    assert DVC["attack"]["outs"] == ["eval/${item.pair.method}-${item.pair.optimizer}-s${item.seed}"]
     assert "attack.controls" in stage_params("report")
 
 

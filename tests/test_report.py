@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import ROOT, load_stage
+from helpers import ROOT, eval_dir, load_stage
 from typer.testing import CliRunner
 
 from unlearnflow.errors import UnlearnflowError
@@ -29,7 +29,7 @@ NONE = {"method": None, "optimizer": None, "attack": None, "seed": None}
 
 
 def _eval_dir(root: Path, name: str, info: dict, metrics: dict) -> Path:
-    d = root / "eval" / name
+    d = eval_dir(root, name)
     write_json(d / "info.json", info)
     write_json(d / "metrics.json", metrics)
     return d
@@ -148,7 +148,7 @@ GOOD_METRICS = json.dumps({"forget_quality": 0.5})
 def test_malformed_input_is_one_line_naming_the_file(
     tmp_path: Path, file: str, text: str, expected: str
 ) -> None:
-    d = tmp_path / "eval" / "npo-adamw-s0-none"
+    d = eval_dir(tmp_path, "npo-adamw-s0-none")
     d.mkdir(parents=True)
     health = tmp_path / "unlearned" / "npo-adamw-s0" / "health.json"
     health.parent.mkdir(parents=True)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import ROOT, run_report_stage
+from helpers import ROOT, eval_dir, run_report_stage
 
 from unlearnflow.io import write_json
 from unlearnflow.report import collect_rows
@@ -30,7 +30,7 @@ KINDS = {"none": "none", "quantize_4bit": "quantize", "relearn": "relearn", "noi
 
 
 def _write(root: Path, name: str, info: dict, metrics: dict) -> Path:
-    d = root / "eval" / name
+    d = eval_dir(root, name)
     write_json(d / "info.json", info)
     write_json(d / "metrics.json", metrics)
     return d

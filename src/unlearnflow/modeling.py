@@ -3,6 +3,9 @@
 The embedded default is a small Llama-architecture model and a byte-level BPE tokenizer trained
 from scratch (no hub access). Real models load from a hub id or a local directory. Weights are
 read and written as safetensors only; ``trust_remote_code`` stays off unless the caller sets it.
+
+torch and transformers are imported inside the functions that use them: a stage that imports this
+module for its ``--help`` or its argument checks pays neither (bench/startup.py).
 """
 
 from __future__ import annotations
@@ -11,12 +14,13 @@ import json
 import logging
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from unlearnflow.errors import UnlearnflowError
 from unlearnflow.io import ordinary_permissions
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +70,7 @@ def build_llama(
     seed: int,
 ) -> torch.nn.Module:
     """A freshly initialised ``LlamaForCausalLM`` sized for ``tokenizer``; same seed → same weights."""
+    import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
@@ -130,22 +135,27 @@ def load_model(
     source: str | Path,
     *,
     device: torch.device | str = "cpu",
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
     trust_remote_code: bool = False,
 ) -> torch.nn.Module:
-    """Load a causal LM from a local directory or hub id, safetensors weights only.
+    """Load a causal LM from a local directory or hub id, safetensors weights only, in ``dtype``
+    (default float32).
 
     Raises:
         UnlearnflowError: one line for a missing directory, a bad config, or weights that are not
             readable safetensors (a truncated or corrupt ``model.safetensors``).
     """
+    import torch
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
     _check_local(source)
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            str(source), dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code
+            str(source),
+            dtype=torch.float32 if dtype is None else dtype,
+            use_safetensors=True,
+            trust_remote_code=trust_remote_code,
         )
     except SafetensorError as exc:
         detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
@@ -187,6 +197,8 @@ def _declare_portable_tokenizer_class(path: Path) -> None:
 
 def pick_device(name: str = "auto") -> torch.device:
     """``auto`` → CUDA when present, else CPU; ``cpu``/``cuda``/``cuda:N`` as given."""
+    import torch
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():

@@ -29,9 +29,9 @@ FACTS_LEGEND = (
 _ANSWER_CHARS = 60
 
 
-def read_facts(eval_dir: Path) -> dict[str, Any] | None:
-    """The per-fact check of one evaluated model: its ``read_info`` identity, ``name`` (the
-    directory's), ``verdict`` (one line) and ``rows`` (``samples/<split>.jsonl`` by ``index``).
+def read_facts(eval_dir: Path, name: str | None = None) -> dict[str, Any] | None:
+    """The per-fact check of one evaluated model: its ``read_info`` identity, ``name`` (``name``,
+    else the directory's), ``verdict`` (one line) and ``rows`` (``samples/<split>.jsonl`` by ``index``).
 
     Returns:
         None when evaluate checked no facts (no generated forget QA split, or an older eval).
@@ -52,7 +52,12 @@ def read_facts(eval_dir: Path) -> dict[str, Any] | None:
     if any("fact_outcome" not in r or not isinstance(r.get("index"), int) for r in rows):
         raise UnlearnflowError(f"{path}: rows without index / fact_outcome (re-run this evaluate)")
     info = read_info(d / "info.json")
-    return {**info, "name": d.name, "verdict": entry["verdict"], "rows": {r["index"]: r for r in rows}}
+    return {
+        **info,
+        "name": name or d.name,
+        "verdict": entry["verdict"],
+        "rows": {r["index"]: r for r in rows},
+    }
 
 
 def verdict_lines(facts: Sequence[Mapping[str, Any]]) -> list[str]:

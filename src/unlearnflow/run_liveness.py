@@ -1,9 +1,10 @@
 """Which process a stage run belongs to, and closing the runs whose process died.
 
 Every stage run is tagged with the host, pid and process start time of its stage
-(:func:`process_tags`). A stage killed with ``kill -9`` (or by the OOM killer, or a power loss)
-never ends its run, which would stay RUNNING forever; the next run of the same stage item closes it
-as KILLED (:func:`close_dead_runs`, called by :func:`unlearnflow.tracking.stage_run`).
+(:func:`process_tags`). A stage killed with ``kill -9`` has its run closed KILLED by its tracking
+worker (:mod:`unlearnflow.tracking_worker`); when both die (the OOM killer taking the process group,
+a power loss) the run would stay RUNNING forever, and the next run of the same stage item closes it
+as KILLED (:func:`close_dead_runs`, called by the tracking worker when it starts that run).
 
 ``mlflow`` is never imported here (the client is passed in) and ``psutil`` only when called, so that
 importing this module is free.
@@ -62,7 +63,9 @@ def process_alive(pid: int, start: float | None) -> bool:
         return True
 
 
-def close_dead_runs(client: MlflowClient, experiment_id: str, dvc_stage: str) -> list[str]:
+def close_dead_runs(
+    client: MlflowClient, experiment_id: str, dvc_stage: str, *, closer_pid: int | None = None
+) -> list[str]:
     """Set KILLED every RUNNING run of ``dvc_stage`` in the experiment whose process is gone.
 
     A stage killed with ``kill -9`` (or by the OOM killer) never reaches ``end_run``, so its run
@@ -76,6 +79,8 @@ def close_dead_runs(client: MlflowClient, experiment_id: str, dvc_stage: str) ->
         client: the MLflow client.
         experiment_id: the experiment to search.
         dvc_stage: the ``dvc.stage`` tag (``unlearn@grad_ascent-adamw``).
+        closer_pid: the stage process closing them, named in the reason (default: this process;
+            the tracking worker passes its stage's).
 
     Returns:
         The ids of the runs closed; each gets a ``unlearnflow.killed`` tag saying why.
@@ -98,7 +103,7 @@ def close_dead_runs(client: MlflowClient, experiment_id: str, dvc_stage: str) ->
             continue
         why = (
             f"process {tags[PID_TAG]} on {host} ended without closing the run (killed?); "
-            f"closed by the next run of {dvc_stage} (pid {os.getpid()})"
+            f"closed by the next run of {dvc_stage} (pid {closer_pid or os.getpid()})"
         )
         retry_locked(client.set_tag, run.info.run_id, KILLED_TAG, why)
         retry_locked(client.set_terminated, run.info.run_id, "KILLED")

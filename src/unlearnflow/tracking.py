@@ -17,7 +17,9 @@ Conventions (ARCHITECTURE.md, "Tracking conventions"):
   experiment) is nested (``mlflow.parentRunId``) under one parent run named by the DVC experiment,
   else ``repro-<time>`` (:func:`.pipeline_run.pipeline_execution`); a stage run outside DVC has no parent.
 
-``mlflow`` is imported lazily (it costs about two seconds) so that importing this module is free.
+Every MLflow call runs in a worker process beside the stage (:mod:`unlearnflow.tracking_worker`):
+importing ``mlflow`` and opening the store cost more than importing torch, and there they overlap
+with the stage's own start instead of delaying its work. This module never imports ``mlflow``.
 """
 
 from __future__ import annotations
@@ -28,35 +30,32 @@ import json
 import logging
 import os
 import subprocess
+import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from unlearnflow import tracking_worker
 from unlearnflow.errors import UnlearnflowError
-from unlearnflow.io import read_json, sha256_dir, sha256_file, write_json
-from unlearnflow.pipeline_run import PARENT_RUN_TAG, end_in_parent, pipeline_execution, pipeline_parent
-from unlearnflow.run_liveness import close_dead_runs, process_tags
-from unlearnflow.tracking_store import get_or_create_experiment, open_client, retry_locked, tracking_uri
+from unlearnflow.io import read_json, sha256_dir, write_json
+from unlearnflow.pipeline_run import pipeline_execution
+from unlearnflow.run_liveness import process_tags
+from unlearnflow.tracking_store import tracking_uri
 
 if TYPE_CHECKING:
-    from mlflow.entities import Metric
-    from mlflow.tracking import MlflowClient
+    from unlearnflow.tracking_worker import TrackingWorker
 
 log = logging.getLogger(__name__)
 
 # MLflow's limits (mlflow.utils.validation): values longer than these are rejected or truncated.
 MAX_PARAM_VALUE_LEN = 6000
 MAX_TAG_VALUE_LEN = 8000
-PARAMS_PER_BATCH = 100
-METRICS_PER_BATCH = 1000
 # Buffered per-step metrics are written when this many are pending or this many seconds have passed.
 FLUSH_EVERY_METRICS = 1000
 FLUSH_EVERY_SECONDS = 10.0
 # The training health flags of a run (train.health_flags), "; "-joined, or "ok".
 HEALTH_TAG = "unlearnflow.health"
-
-_QUIET_LOGGERS = ("alembic", "mlflow.store.db.utils", "mlflow.tracking.fluent", "mlflow.store.sql_alchemy")
 
 
 def dvc_experiment_tags(env: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -134,16 +133,6 @@ def git_state(cwd: Path | None = None) -> tuple[str, str]:
     return head, "true" if status.strip() else "false"
 
 
-def _mlflow():
-    """Import mlflow on first use, pointed at :func:`.tracking_store.tracking_uri`, with its INFO chatter silenced."""
-    import mlflow
-
-    for name in _QUIET_LOGGERS:
-        logging.getLogger(name).setLevel(logging.WARNING)
-    mlflow.set_tracking_uri(tracking_uri())
-    return mlflow
-
-
 def _truncate(value: Any, limit: int) -> str:
     text = str(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
@@ -171,16 +160,16 @@ def _upstream_tags(upstream: Sequence[Path], uri: str) -> dict[str, str]:
 class StageRun:
     """The MLflow run of one stage item; created by :func:`stage_run`, not directly.
 
-    Per-step metrics are buffered and written in batches (every ``FLUSH_EVERY_METRICS`` values or
+    Every call hands its work to the tracking worker and returns (artifacts excepted: their files
+    may be gone once the call returns, so it waits); a failure there is raised by the next call.
+    Per-step metrics are buffered and sent in batches (every ``FLUSH_EVERY_METRICS`` values or
     ``FLUSH_EVERY_SECONDS``, and when the run ends), so :meth:`log_metrics` is cheap to call every step.
     """
 
     def __init__(
         self,
-        client: MlflowClient,
+        worker: TrackingWorker,
         *,
-        run_id: str,
-        experiment_id: str,
         experiment: str,
         uri: str,
         stage: str,
@@ -188,9 +177,7 @@ class StageRun:
         run_name: str,
         params_hash: str,
     ) -> None:
-        self._client = client
-        self.run_id = run_id
-        self.experiment_id = experiment_id
+        self._worker = worker
         self.experiment = experiment
         self.tracking_uri = uri
         self.stage = stage
@@ -198,8 +185,28 @@ class StageRun:
         self.run_name = run_name
         self.params_hash = params_hash
         self._params: dict[str, str] = {}
-        self._pending: list[Metric] = []
+        self._pending: list[tuple[str, float, int, int]] = []
         self._last_flush = time.monotonic()
+        self._ids: tuple[str, str] | None = None  # (run id, experiment id), once the worker has them
+
+    @property
+    def run_id(self) -> str:
+        """The MLflow run id (waits for the worker to have created the run)."""
+        return self._resolve()[0]
+
+    @property
+    def experiment_id(self) -> str:
+        return self._resolve()[1]
+
+    def _resolve(self) -> tuple[str, str]:
+        if self._ids is None:
+            self._ids = self._worker.run_ids()
+        return self._ids
+
+    def _pin(self) -> None:
+        """Keep the ids once the run has ended: the worker's next run must not answer for this one."""
+        with contextlib.suppress(tracking_worker.TrackingError):  # a run that never started has none
+            self._resolve()
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         """Log metrics at ``step`` (per-step) or without one (final, stored at step 0).
@@ -207,25 +214,25 @@ class StageRun:
         ``None`` values are skipped; NaN and inf are kept. Values go through ``float()``, so 0-d
         tensors and numpy scalars are fine. Writes are buffered (see the class docstring).
         """
-        from mlflow.entities import Metric
-
         now = int(time.time() * 1000)
         for key, value in metrics.items():
             if value is None:
                 continue
-            self._pending.append(Metric(key, float(value), now, int(step or 0)))
+            self._pending.append((key, float(value), now, int(step or 0)))
         if (
             len(self._pending) >= FLUSH_EVERY_METRICS
             or time.monotonic() - self._last_flush >= FLUSH_EVERY_SECONDS
         ):
             self.flush()
+        else:
+            self._worker.check()  # a failed write of an earlier batch stops the stage here
 
     def flush(self) -> None:
-        """Write the buffered metrics now."""
+        """Send the buffered metrics now."""
         pending, self._pending = self._pending, []
         self._last_flush = time.monotonic()
-        for i in range(0, len(pending), METRICS_PER_BATCH):
-            retry_locked(self._client.log_batch, self.run_id, metrics=pending[i : i + METRICS_PER_BATCH])
+        if pending:
+            self._worker.send("batch", metrics=pending)
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         """Log params flattened to dotted keys (values as strings, truncated to MLflow's limit).
@@ -233,8 +240,6 @@ class StageRun:
         Re-logging a key with the same value is a no-op; with a different value it raises
         ``ValueError`` (MLflow params are immutable).
         """
-        from mlflow.entities import Param
-
         new: dict[str, str] = {}
         for key, value in flatten(params).items():
             text = _truncate(value, MAX_PARAM_VALUE_LEN)
@@ -243,18 +248,15 @@ class StageRun:
                 new[key] = text
             elif old != text:
                 raise ValueError(f"param {key!r} already logged as {old!r}, cannot change it to {text!r}")
-        items = [Param(k, v) for k, v in new.items()]
-        for i in range(0, len(items), PARAMS_PER_BATCH):
-            retry_locked(self._client.log_batch, self.run_id, params=items[i : i + PARAMS_PER_BATCH])
+        if new:
+            self._worker.send("batch", params=list(new.items()))
         self._params.update(new)
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
         """Set run tags (values as strings, truncated to MLflow's limit)."""
-        from mlflow.entities import RunTag
-
-        items = [RunTag(k, _truncate(v, MAX_TAG_VALUE_LEN)) for k, v in tags.items()]
-        for i in range(0, len(items), PARAMS_PER_BATCH):
-            retry_locked(self._client.log_batch, self.run_id, tags=items[i : i + PARAMS_PER_BATCH])
+        items = [(k, _truncate(v, MAX_TAG_VALUE_LEN)) for k, v in tags.items()]
+        if items:
+            self._worker.send("batch", tags=items)
 
     def log_health(self, flags: Sequence[str]) -> None:
         """Tag the run's training health: ``unlearnflow.health`` = the flags joined by "; ", or "ok"."""
@@ -263,23 +265,14 @@ class StageRun:
     def log_dataset(self, path: Path, name: str, context: str) -> None:
         """Log a split file as a run input: source = its absolute path, digest = sha256[:16].
 
-        Only metadata is logged (``MetaDataset``), never the data itself.
+        Only metadata is logged (``MetaDataset``), never the data itself; the worker hashes the file.
 
         Args:
             path: the split file (e.g. ``data/splits/forget10.jsonl``).
             name: dataset name shown in MLflow (e.g. ``forget10``).
             context: how the stage uses it (e.g. ``forget``, ``retain``, ``eval``).
         """
-        import mlflow
-        from mlflow.data.dataset_source_registry import get_dataset_source_from_json
-        from mlflow.data.meta_dataset import MetaDataset
-
-        path = Path(path).resolve()
-        # A LocalArtifactDatasetSource; resolve_dataset_source(str) would warn that "local" is ambiguous.
-        source = get_dataset_source_from_json(json.dumps({"uri": str(path)}), source_type="local")
-        dataset = MetaDataset(source, name=name, digest=sha256_file(path)[:16])
-        # The fluent call logs to the active run, which stage_run made this one.
-        retry_locked(mlflow.log_input, dataset, context=context, what="log input")
+        self._worker.send("input", path=str(Path(path).resolve()), name=name, context=context)
 
     def log_checkpoint(self, path: Path, max_mb: float) -> None:
         """Tag the checkpoint at ``path`` and log it as artifacts under ``checkpoint/`` if small enough.
@@ -301,17 +294,16 @@ class StageRun:
             }
         )
         if logged:
-            self._client.log_artifacts(self.run_id, str(path), artifact_path="checkpoint")
+            self.log_artifact(path, "checkpoint")
         else:
             log.info("checkpoint %s is %.1f MB > %.1f MB: tagged, not logged", path, size_mb, max_mb)
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
-        """Log a file (or every file of a directory) as artifacts, under ``artifact_path`` if given."""
-        path = Path(path)
-        if path.is_dir():
-            self._client.log_artifacts(self.run_id, str(path), artifact_path=artifact_path)
-        else:
-            self._client.log_artifact(self.run_id, str(path), artifact_path=artifact_path)
+        """Log a file (or every file of a directory) as artifacts, under ``artifact_path`` if given.
+
+        Waits until the worker has copied them: the caller may move or delete ``path`` right after.
+        """
+        self._worker.call("artifacts", path=str(Path(path).resolve()), artifact_path=artifact_path)
 
     def manifest(self) -> dict[str, Any]:
         """The ``run.json`` content: how the next stage finds this run."""
@@ -342,9 +334,11 @@ def stage_run(
 ) -> Iterator[StageRun]:
     """Open the MLflow run of one stage item; it ends FINISHED, or FAILED if the block raises.
 
-    The run is also MLflow's active run, so ``mlflow.log_*`` calls inside the block land in it.
-    Under DVC it is nested under the parent run of the pipeline execution (:func:`.pipeline_run.pipeline_execution`),
-    whose end time and status follow it.
+    The block starts at once: the tracking worker opens the store and creates the run meanwhile
+    (:mod:`.tracking_worker`). A failure there (an unreachable store, a database still locked after
+    the retries) is raised by the next call on the run, at the latest when the run ends; a run
+    whose later write failed ends FAILED. Under DVC it is nested under the parent run of the
+    pipeline execution (:func:`.pipeline_run.pipeline_execution`), whose end time and status follow it.
 
     Args:
         stage: DVC stage name (``unlearn``).
@@ -360,11 +354,7 @@ def stage_run(
         UnlearnflowError: an upstream file exists but is not a manifest (before any run is created).
         Whatever the block raises, after marking the run FAILED (KILLED on Ctrl-C).
     """
-    mlflow = _mlflow()
-
     uri = tracking_uri()
-    client = open_client(uri)
-    exp_id = get_or_create_experiment(client, experiment, uri)
     run_name = f"{stage}-{item}" if item else stage
     # DVC names the running stage itself (matrix items by their values: unlearn@grad_diff-adamw-0,
     # evaluate_base@target); outside DVC the name is rebuilt from the stage and item.
@@ -379,21 +369,24 @@ def stage_run(
         "unlearnflow.stage": stage,
         "unlearnflow.item": item or "",
         **process_tags(),
-        **_upstream_tags(upstream, uri),
+        **_upstream_tags(upstream, uri),  # a malformed manifest raises here, before any run exists
     }
-    execution = pipeline_execution()
-    parent_id = None
-    if execution is not None:
-        parent_id = pipeline_parent(client, exp_id, execution, {**common, "unlearnflow.item": ""}, uri)
-        tags[PARENT_RUN_TAG] = parent_id
-    close_dead_runs(client, exp_id, dvc_stage)
-    active = retry_locked(
-        mlflow.start_run, experiment_id=exp_id, run_name=run_name, tags=tags, what="start run"
+    worker = tracking_worker.shared()
+    worker.start(
+        cwd=os.getcwd(),
+        env=dict(os.environ),
+        argv=list(sys.argv),
+        uri=uri,
+        experiment=experiment,
+        run_name=run_name,
+        dvc_stage=dvc_stage,
+        tags=tags,
+        execution=pipeline_execution(),
+        parent_tags={**common, "unlearnflow.item": ""},
+        pid=os.getpid(),
     )
     run = StageRun(
-        client,
-        run_id=active.info.run_id,
-        experiment_id=exp_id,
+        worker,
         experiment=experiment,
         uri=uri,
         stage=stage,
@@ -401,7 +394,6 @@ def stage_run(
         run_name=run_name,
         params_hash=phash,
     )
-    log.info("MLflow run %s (%s) in experiment %r at %s", run_name, run.run_id, experiment, uri)
     try:
         run.log_params(params)
         yield run
@@ -410,12 +402,13 @@ def stage_run(
         status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
         with contextlib.suppress(Exception):  # never mask the original error
             run.flush()
+        with contextlib.suppress(Exception):
             run.set_tags({"unlearnflow.error": f"{type(exc).__name__}: {exc}"})
-        retry_locked(mlflow.end_run, status, what="end run")
-        if parent_id is not None:
-            with contextlib.suppress(Exception):  # never mask the original error
-                end_in_parent(client, parent_id, status)
+        with contextlib.suppress(Exception):
+            worker.call("end", status=status)
+        run._pin()
         raise
-    retry_locked(mlflow.end_run, "FINISHED", what="end run")
-    if parent_id is not None:
-        end_in_parent(client, parent_id, "FINISHED")
+    try:
+        worker.call("end", status="FINISHED")
+    finally:
+        run._pin()

@@ -1,9 +1,8 @@
 """Attacks on an unlearned model (ALGORITHMS.md §4), looked up by the names in ``attack.names``.
 
 An ``attack.names`` item names a section whose ``kind`` is a registry key here. An attack changes
-a loaded model in place and returns statistics to log. ``modifies_weights``
-False (the ``none`` attack) lets the stage hand the input checkpoint on by hard link instead of
-writing a copy of possibly many GB.
+a loaded model in place and returns statistics to log; the ``attack`` stage evaluates the model
+right after. ``modifies_weights`` False (the ``none`` attack) skips the apply.
 """
 
 from __future__ import annotations
@@ -37,8 +36,8 @@ class AttackContext:
         splits: the ``prepare`` output directory (relearning reads its rows).
         params: the params file (relearning reads ``model`` and ``unlearn.optimizer_args``).
         device: where to compute.
-        extras: written by the attack, saved as ``attack.json`` beside the attacked checkpoint and
-            read by ``evaluate`` (relearning's evaluation rows and recovery curve).
+        extras: written by the attack, saved in the attacked model's ``info.json`` and read by
+            its evaluation (relearning's excluded pool, recovery curve and trained rows).
     """
 
     tokenizer: Any = None

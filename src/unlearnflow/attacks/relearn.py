@@ -8,7 +8,7 @@ trained on. Here the forget split is cut once (seeded) into an evaluation part a
 relearning: related, different data). Whatever the data, the evaluation part is the same, so the
 recovery curves of every model and every data choice are measured on the same queries; the pool
 (every row of it, trained on or not) is excluded from the attacked model's forget metrics
-(``evaluate`` reads ``attack.json``).
+(the ``attack`` stage passes ``extras["exclude"]`` to its evaluation).
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from unlearnflow.data.benchmark import Benchmark, Layout
+from unlearnflow.data.tokenize import format_mcq, format_prompt
 from unlearnflow.errors import UnlearnflowError
 from unlearnflow.io import read_json, read_jsonl, sha256_file, write_json, write_jsonl
 
@@ -125,8 +126,6 @@ def corpus_texts(splits: Mapping[str, list[dict[str, Any]]], layout: Layout) -> 
     documents, prompts and continuations, or lettered multiple-choice prompts. Order: splits in
     ``splits`` order, rows in order, first occurrence kept.
     """
-    from unlearnflow.data.tokenize import format_mcq, format_prompt  # lazy: tokenize imports torch
-
     texts: dict[str, None] = {}  # an ordered set
     for name, rows in splits.items():
         kind = layout.info[name].kind

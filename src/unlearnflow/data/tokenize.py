@@ -11,6 +11,9 @@ Plain text (raw corpora, MUSE privleak texts, a verbmem continuation) gets no EO
 open-unlearning's ``preprocess_pretraining_instance`` (src/data/utils.py) encodes it: the text
 does not end there, it was cut from a longer document. A target cut by ``max_length`` is counted
 (``Truncations``) and reported as one warning per split, never silently.
+
+torch is imported by the collators only: tokenising, and the stages that import this module for
+their argument checks, do not pay for it.
 """
 
 from __future__ import annotations
@@ -18,11 +21,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from unlearnflow.errors import DataError
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -280,6 +284,8 @@ def encode_prompt_text(tokenizer: Any, prompt: str, *, max_length: int | None = 
 
 def collate(examples: Sequence[dict[str, list[int]]], pad_token_id: int) -> dict[str, torch.Tensor]:
     """Right-pad a list of encoded examples into ``input_ids``, ``attention_mask``, ``labels`` (B, T)."""
+    import torch
+
     width = max(len(e["input_ids"]) for e in examples)
     ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
@@ -294,6 +300,8 @@ def collate(examples: Sequence[dict[str, list[int]]], pad_token_id: int) -> dict
 
 def collate_left(prompts: Sequence[list[int]], pad_token_id: int) -> dict[str, torch.Tensor]:
     """Left-pad prompts for batched generation, so every row's next token is at the same position."""
+    import torch
+
     width = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
     mask = torch.zeros((len(prompts), width), dtype=torch.long)

@@ -17,7 +17,6 @@ import zlib
 from collections.abc import Sequence
 
 import numpy as np
-from sklearn.metrics import roc_auc_score
 
 MIN_K_FRACTION = 0.4  # open-unlearning's and MUSE's k for Min-K% and Min-K%++
 
@@ -89,6 +88,8 @@ def auc(member_scores: np.ndarray, nonmember_scores: np.ndarray) -> float:
 
     ``sklearn.metrics.roc_auc_score``; ties count one half. NaN scores are an error.
     """
+    from sklearn.metrics import roc_auc_score  # here, not at import: scikit-learn costs seconds to load
+
     m = np.asarray(member_scores, dtype=np.float64)
     n = np.asarray(nonmember_scores, dtype=np.float64)
     if m.size == 0 or n.size == 0:

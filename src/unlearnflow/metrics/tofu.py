@@ -21,7 +21,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
-from scipy import stats
 
 DEFINITIONS = ("reference", "unlearnflow")
 GUARD = 1e-10  # open-unlearning's additive guard in denominators (memorization.py)
@@ -141,6 +140,8 @@ def forget_quality(tr_model: np.ndarray, tr_oracle: np.ndarray) -> float:
     Returns:
         ``scipy.stats.ks_2samp(tr_model, tr_oracle).pvalue`` (scipy's default: exact for small samples).
     """
+    from scipy import stats  # here, not at import: scipy.stats costs seconds to load
+
     return float(stats.ks_2samp(np.asarray(tr_model, float), np.asarray(tr_oracle, float)).pvalue)
 
 
@@ -163,6 +164,8 @@ def model_utility(values: Mapping[str, float]) -> float:
             raise ValueError(f"model_utility: {key} = {value} (must be a number >= 0)")
     if any(v == 0 for v in values.values()):
         return 0.0
+    from scipy import stats
+
     return float(stats.hmean(list(values.values())))
 
 
