@@ -10,7 +10,9 @@ if a generation metric is requested, ONE ``generate_greedy`` call. ``SuiteOption
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import contextlib
+import logging
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,6 +20,7 @@ import numpy as np
 import torch
 
 from unlearnflow.data.tokenize import (
+    IGNORE_INDEX,
     MCQ_LETTERS,
     PLAIN,
     PromptFormat,
@@ -32,7 +35,15 @@ from unlearnflow.data.tokenize import (
 )
 from unlearnflow.errors import DataError
 from unlearnflow.metrics import mia
-from unlearnflow.metrics.scoring import TokenStats, generate_greedy, score_examples
+from unlearnflow.metrics.scoring import (
+    TokenStats,
+    generate_greedy,
+    greedy_from_scored,
+    plain_greedy,
+    score_examples,
+)
+
+log = logging.getLogger(__name__)
 
 KNOWMEM_STOPS = ("\n\n", "\nQuestion", "Question:")  # MUSE knowmem's stop words (open-unlearning)
 
@@ -97,6 +108,59 @@ class ScoredSplit:
         return np.array([t.avg_nll for t in self.target], dtype=np.float64)
 
 
+class MemoTokenizer:
+    """A tokenizer whose plain calls ``tokenizer(text, **kwargs)`` are memoised, for encoding one split.
+
+    Every variant of a row (its answer, paraphrase, perturbed answers, and the generation prompt)
+    encodes the same question prompt: this tokenises it once instead of up to eight times. Inside
+    ``recording()``, texts not yet known are only noted (and answered with a one-token stand-in);
+    on leaving the block they are tokenised in one batched call, which a fast tokenizer runs several
+    times quicker than one call per text, with the same ids. A call returns a fresh
+    ``{"input_ids": [...]}``, all the ``data.tokenize`` encoders read; anything else (special-token
+    ids, the chat template, ``decode``) is the wrapped tokenizer's own.
+    """
+
+    def __init__(self, tokenizer: Any) -> None:
+        self._tokenizer = tokenizer
+        self._ids: dict[tuple[Any, ...], list[int]] = {}
+        # read once: a Hugging Face tokenizer looks special-token ids up again on every access
+        self.bos_token_id = tokenizer.bos_token_id
+        self.eos_token_id = tokenizer.eos_token_id
+        self.pad_token_id = tokenizer.pad_token_id
+        self._noted: dict[tuple[Any, ...], dict[str, None]] | None = None  # kwargs -> texts, while recording
+
+    def __call__(self, text: Any, **kwargs: Any) -> Any:
+        if not isinstance(text, str):
+            return self._tokenizer(text, **kwargs)
+        options = tuple(sorted(kwargs.items()))
+        ids = self._ids.get((text, *options))
+        if ids is None:
+            if self._noted is not None:
+                self._noted.setdefault(options, {})[text] = None
+                return {"input_ids": [0]}
+            ids = self._ids[(text, *options)] = list(self._tokenizer(text, **kwargs)["input_ids"])
+        return {"input_ids": list(ids)}
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._tokenizer, name)
+
+    @contextlib.contextmanager
+    def recording(self) -> Iterator[None]:
+        """Note the texts called for in the block (results are stand-ins: discard them), then
+        tokenise them all at once."""
+        self._noted = {}
+        try:
+            yield
+            for options, texts in self._noted.items():
+                batch = list(texts)
+                for text, ids in zip(
+                    batch, self._tokenizer(batch, **dict(options))["input_ids"], strict=True
+                ):
+                    self._ids[(text, *options)] = list(ids)
+        finally:
+            self._noted = None
+
+
 def _target(
     kind: str, row: Mapping[str, Any], opts: SuiteOptions, tok: Any, cuts: Truncations | None = None
 ) -> tuple[dict, str]:
@@ -156,6 +220,73 @@ def _generation_prompts(kind: str, rows: Sequence[Mapping[str, Any]], tok: Any, 
     return [encode_prompt(tok, r["question"], fmt=opts.prompt) for r in rows]
 
 
+@dataclass
+class _Encoded:
+    """A split's encoded inputs: ``examples`` in ``score_split``'s order (target, paraphrase, then
+    each row's perturbed answers or options) with the row each belongs to, the main target's
+    examples and texts, and the generation prompts (each None when not needed)."""
+
+    examples: list[dict]
+    owners: list[int] = field(default_factory=list)  # the row of each example
+    target_examples: list[dict] | None = None
+    target_texts: list[str] | None = None
+    prompts: list[list[int]] | None = None
+
+
+def _encode(
+    name: str,
+    kind: str,
+    rows: Sequence[Mapping[str, Any]],
+    needs: frozenset[str],
+    opts: SuiteOptions,
+    tok: Any,
+    cuts: Truncations,
+) -> _Encoded:
+    """Every example ``needs`` asks for of a split's rows, and its generation prompts."""
+    enc = _Encoded(examples=[])
+    n = len(rows)
+    if "target" in needs:
+        encoded = [_target(kind, r, opts, tok, cuts) for r in rows]
+        enc.target_examples = [e for e, _ in encoded]
+        enc.examples += enc.target_examples
+        enc.owners += range(n)
+        enc.target_texts = [t for _, t in encoded]
+    if "paraphrase" in needs:
+        enc.examples += [
+            encode_qa(
+                tok,
+                r["question"],
+                r["paraphrased_answer"],
+                max_length=opts.max_length,
+                fmt=opts.prompt,
+                cuts=cuts,
+            )
+            for r in rows
+        ]
+        enc.owners += range(n)
+    if "perturbed" in needs:
+        widths = {len(r["perturbed_answer"]) for r in rows}
+        if len(widths) != 1 or 0 in widths:
+            raise DataError(
+                f"split {name!r}: every row needs the same number (>= 1) of perturbed_answer; got {widths}"
+            )
+        enc.examples += [
+            encode_qa(tok, r["question"], a, max_length=opts.max_length, fmt=opts.prompt, cuts=cuts)
+            for r in rows
+            for a in r["perturbed_answer"]
+        ]
+        enc.owners += [i for i, r in enumerate(rows) for _ in r["perturbed_answer"]]
+    if "options" in needs:
+        n_choices = {len(r["choices"]) for r in rows}
+        if len(n_choices) != 1:
+            raise DataError(f"split {name!r}: rows have different numbers of choices {sorted(n_choices)}")
+        enc.examples += [e for r in rows for e in _options(r, tok, opts, cuts)]
+        enc.owners += [i for i, r in enumerate(rows) for _ in r["choices"]]
+    if "generation" in needs:
+        enc.prompts = _generation_prompts(kind, rows, tok, opts)
+    return enc
+
+
 def score_split(
     model: torch.nn.Module,
     tok: Any,
@@ -172,48 +303,33 @@ def score_split(
     """Run the model once over a split: one ``score_examples`` call for every needed target and,
     if ``generation`` is needed, one ``generate_greedy`` call.
 
+    The rows are encoded twice: a first pass only notes the texts to tokenise, which are then
+    tokenised in one batch (``MemoTokenizer``). Generation decodes only the answers the scoring
+    pass does not already show (``_known_generations``), unless the model's generation config
+    makes ``generate`` pick other than the argmax (``scoring.plain_greedy``).
+
     Args:
         needs: subset of {``target``, ``vocab``, ``paraphrase``, ``perturbed``, ``options``,
             ``generation``, ``grad``}.
     """
     n = len(rows)
-    examples: list[dict] = []
-    s = ScoredSplit(name=name, kind=kind, role=role, rows=rows, indices=indices, definitions=opts.definitions)
+    memo = MemoTokenizer(tok)
+    with memo.recording():  # a first pass notes every text, tokenised then in one batch
+        _encode(name, kind, rows, needs, opts, memo, Truncations())
     cuts = Truncations()  # every target of the split cut to a cap: one warning, after encoding
-    if "target" in needs:
-        encoded = [_target(kind, r, opts, tok, cuts) for r in rows]
-        s.target_examples = [e for e, _ in encoded]
-        examples += s.target_examples
-        s.target_texts = [t for _, t in encoded]
-    if "paraphrase" in needs:
-        examples += [
-            encode_qa(
-                tok,
-                r["question"],
-                r["paraphrased_answer"],
-                max_length=opts.max_length,
-                fmt=opts.prompt,
-                cuts=cuts,
-            )
-            for r in rows
-        ]
-    if "perturbed" in needs:
-        widths = {len(r["perturbed_answer"]) for r in rows}
-        if len(widths) != 1 or 0 in widths:
-            raise DataError(
-                f"split {name!r}: every row needs the same number (>= 1) of perturbed_answer; got {widths}"
-            )
-        examples += [
-            encode_qa(tok, r["question"], a, max_length=opts.max_length, fmt=opts.prompt, cuts=cuts)
-            for r in rows
-            for a in r["perturbed_answer"]
-        ]
-    if "options" in needs:
-        n_choices = {len(r["choices"]) for r in rows}
-        if len(n_choices) != 1:
-            raise DataError(f"split {name!r}: rows have different numbers of choices {sorted(n_choices)}")
-        examples += [e for r in rows for e in _options(r, tok, opts, cuts)]
+    enc = _encode(name, kind, rows, needs, opts, memo, cuts)
     cuts.warn(name)
+    examples = enc.examples
+    s = ScoredSplit(
+        name=name,
+        kind=kind,
+        role=role,
+        rows=rows,
+        indices=indices,
+        target_examples=enc.target_examples,
+        target_texts=enc.target_texts,
+        definitions=opts.definitions,
+    )
     stats = score_examples(
         model,
         examples,
@@ -247,14 +363,46 @@ def score_split(
             raise ValueError(
                 "SuiteOptions.max_new_tokens is unresolved (evaluate_splits sets the benchmark's)"
             )
-        max_new = {"knowmem": opts.knowmem_max_new_tokens, "completion": opts.verbmem_max_new_tokens}
+        cap = {"knowmem": opts.knowmem_max_new_tokens, "completion": opts.verbmem_max_new_tokens}.get(
+            kind, opts.max_new_tokens
+        )
+        known = _known_generations(enc, stats, tok.eos_token_id, cap) if plain_greedy(model) else []
+        read = len(known) - known.count(None)
+        log.debug("%s: %d of %d greedy answers read off the scoring pass", name, read, n)
         s.generations = generate_greedy(
             model,
             tok,
-            _generation_prompts(kind, rows, tok, opts),
-            max_new_tokens=max_new.get(kind, opts.max_new_tokens),
+            enc.prompts,
+            max_new_tokens=cap,
             batch_size=opts.batch_size,
             device=device,
             stop_strings=KNOWMEM_STOPS if kind == "knowmem" else (),
+            **({"known": known} if read else {}),
         )
     return s
+
+
+def _known_generations(
+    enc: _Encoded, stats: Sequence[TokenStats], eos_token_id: int | None, cap: int
+) -> list[list[int] | None]:
+    """Each row's greedy answer where one of its scored targets already shows it
+    (``scoring.greedy_from_scored``): a target scored right after the very prompt generation starts
+    from (a qa or options row's question), whose every token up to EOS is the argmax prediction."""
+    assert enc.prompts is not None
+    known: list[list[int] | None] = [None] * len(enc.prompts)
+    if eos_token_id is None:
+        return known
+    for example, st, row in zip(enc.examples, stats, enc.owners, strict=True):
+        prompt = enc.prompts[row]
+        start = len(prompt)
+        target = example["input_ids"][start:]
+        if (
+            known[row] is not None
+            or example["input_ids"][:start] != prompt
+            or any(label == IGNORE_INDEX for label in example["labels"][start:])
+            or any(label != IGNORE_INDEX for label in example["labels"][:start])
+            or len(target) != len(st.correct)
+        ):
+            continue
+        known[row] = greedy_from_scored(target, st.correct, eos_token_id=eos_token_id, max_new_tokens=cap)
+    return known

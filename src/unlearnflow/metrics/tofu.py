@@ -171,9 +171,28 @@ def model_utility(values: Mapping[str, float]) -> float:
 
 @functools.lru_cache(maxsize=1)
 def _rouge_scorer() -> Any:
-    from rouge_score import rouge_scorer
+    """``RougeScorer(["rougeL"], use_stemmer=True)``, its Porter stemmer memoised per word.
 
-    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    ``rouge-score``'s default tokenizer with stemming lower-cases, splits on non-alphanumerics and
+    stems every word longer than 3 characters with nltk's ``PorterStemmer()``; the stemmer is a pure
+    function of the word, and answers repeat their words, so each word is stemmed once. The tokens,
+    hence every score, are those of ``use_stemmer=True``.
+    """
+    from nltk.stem import porter
+    from rouge_score import rouge_scorer, tokenize, tokenizers
+
+    class MemoStemmer:
+        def __init__(self) -> None:
+            self.stem = functools.lru_cache(maxsize=65536)(porter.PorterStemmer().stem)
+
+    class StemmingTokenizer(tokenizers.Tokenizer):
+        def __init__(self) -> None:
+            self._stemmer = MemoStemmer()
+
+        def tokenize(self, text: str) -> list[str]:
+            return tokenize.tokenize(text, self._stemmer)
+
+    return rouge_scorer.RougeScorer(["rougeL"], tokenizer=StemmingTokenizer())
 
 
 def rouge_l_recall(predictions: Sequence[str], references: Sequence[str]) -> list[float]:
