@@ -93,20 +93,10 @@ def build_inputs(params: Path, where: Path) -> dict[str, Path]:
     split_io.write_splits(build_benchmark(bench), where / "splits", meta={"benchmark": bench.model_dump()})
     data = split_io.read_splits(where / "splits")
     model_cfg = load_section(params, "model", ModelConfig)
-    s = model_cfg.scratch
     tok = modeling.train_bpe_tokenizer(
-        split_io.corpus_texts(data, split_io.read_layout(where / "splits")), s.vocab_size
+        split_io.corpus_texts(data, split_io.read_layout(where / "splits")), model_cfg.scratch.vocab_size
     )
-    model = modeling.build_llama(
-        tok,
-        hidden_size=s.hidden_size,
-        num_layers=s.num_layers,
-        num_heads=s.num_heads,
-        intermediate_size=s.intermediate_size,
-        max_position_embeddings=model_cfg.max_length,
-        tie_word_embeddings=s.tie_word_embeddings,
-        seed=0,
-    )
+    model = modeling.build_scratch(tok, model_cfg, seed=0)
     modeling.save_pretrained(model, tok, where / "target")
     return {"splits": where / "splits", "model": where / "target"}
 

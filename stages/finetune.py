@@ -58,17 +58,7 @@ def main(
                 data = split_io.read_splits(splits)
                 corpus = split_io.corpus_texts(data, layout)
                 tok = modeling.train_bpe_tokenizer(corpus, model_cfg.scratch.vocab_size)
-                s = model_cfg.scratch
-                model = modeling.build_llama(
-                    tok,
-                    hidden_size=s.hidden_size,
-                    num_layers=s.num_layers,
-                    num_heads=s.num_heads,
-                    intermediate_size=s.intermediate_size,
-                    max_position_embeddings=model_cfg.max_length,
-                    tie_word_embeddings=s.tie_word_embeddings,
-                    seed=cfg.seed,
-                )
+                model = modeling.build_scratch(tok, model_cfg, seed=cfg.seed)
             else:
                 data = split_io.read_splits(splits, layout.train[role])
                 tok = modeling.load_tokenizer(model_cfg.base, trust_remote_code=model_cfg.trust_remote_code)

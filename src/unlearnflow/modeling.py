@@ -58,6 +58,22 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int) -> Any:
     return PreTrainedTokenizerFast(tokenizer_object=tok, **SPECIAL_TOKENS)
 
 
+def build_scratch(tokenizer: Any, model_cfg: Any, seed: int) -> torch.nn.Module:
+    """``build_llama`` shaped by ``model.scratch`` of ``model_cfg`` (a ``ModelConfig``), positions
+    up to ``model.max_length``: the embedded benchmark's from-scratch model."""
+    s = model_cfg.scratch
+    return build_llama(
+        tokenizer,
+        hidden_size=s.hidden_size,
+        num_layers=s.num_layers,
+        num_heads=s.num_heads,
+        intermediate_size=s.intermediate_size,
+        max_position_embeddings=model_cfg.max_length,
+        tie_word_embeddings=s.tie_word_embeddings,
+        seed=seed,
+    )
+
+
 def build_llama(
     tokenizer: Any,
     *,
