@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup pipeline test lint format study bench bench-eval bench-vs-reference bench-startup bench-train bench-methods bench-ofmu clean
+.PHONY: setup pipeline test lint format study bench bench-eval bench-vs-reference bench-startup bench-train bench-methods bench-ofmu throughput clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -57,6 +57,10 @@ bench-startup: setup
 
 bench-train: setup
 	$(BIN)/python bench/train_throughput.py --out docs/train-throughput.md
+
+# docs/throughput.md: one table per throughput goal, from the JSON the bench targets above wrote.
+throughput: setup
+	$(BIN)/python bench/throughput_summary.py
 
 bench-methods: setup
 	$(BIN)/python bench/method_step_cost.py

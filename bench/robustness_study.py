@@ -18,6 +18,16 @@ progress per stage item (``[k/N] item, elapsed, ETA``). Regimes (``--regimes def
 The regimes run one after the other in the same workdir, so prepare, finetune and the controls
 run once (DVC skips them), and after each the report (tables, plots, summary.json) is copied to
 ``--out/<regime>/`` with the wall time of every stage item (``timing.json``).
+
+``--jobs N`` (default 2, one per core) runs the unlearn and attack items N at a time, each process on
+one torch thread: a model this small leaves a second thread mostly idle (two one-thread items run
+1.45× the items per second of one two-thread item here), and process start-up, DVC and the
+evaluator's Python are single-threaded anyway. It is still DVC: ``dvc repro`` of the shared upstream
+(prepare, finetune, the base evaluations), then the models split into N balanced shards, each a
+queued experiment (``dvc exp run --queue``, ``dvc queue start -j N``) whose items DVC tracks and
+whose stage runs go into the project's MLflow store, then one ``dvc repro`` of the whole matrix in
+the workdir, which DVC's run cache fills from the shards' results without rerunning them (and runs
+the report). ``--jobs 1`` is one plain ``dvc repro``.
 """
 
 from __future__ import annotations
@@ -185,6 +195,149 @@ def phase_times(evals: Path) -> dict[str, float]:
     return total
 
 
+# Rough seconds of one model's items on this machine kind (the 2026-12-02 study, two threads): its
+# attack item, its unlearn item's fixed cost, and training per epoch of the embedded forget set. Only
+# used to balance the shards; a wrong guess costs balance, never results.
+ATTACK_ITEM_S = 85.0
+UNLEARN_FIXED_S = 12.0
+TRAIN_EPOCH_S = 1.1
+
+
+def pair_cost(params: dict, pair: dict) -> float:
+    """Estimated seconds of one (method, optimizer) pair per seed: its attack item plus its unlearn
+    item, whose training grows with the epochs it runs (the optimizer's own, else the method's, else
+    ``unlearn.epochs``: the precedence of ``matrix.item_config``)."""
+    unlearn = params["unlearn"]
+    own = [
+        (unlearn.get("optimizer_args") or {}).get(pair["optimizer"]) or {},
+        (unlearn.get("method_args") or {}).get(pair["method"]) or {},
+    ]
+    epochs = next((a["epochs"] for a in own if a.get("epochs") is not None), unlearn["epochs"])
+    return ATTACK_ITEM_S + UNLEARN_FIXED_S + TRAIN_EPOCH_S * float(epochs)
+
+
+def shard_pairs(params: dict, jobs: int, head_start: float = 0.0) -> list[list[dict]]:
+    """``unlearn.pairs`` split into at most ``jobs`` shards of about equal estimated cost (longest
+    first onto the least loaded shard). Shard 0 starts with ``head_start`` seconds (the controls it
+    also runs). Each shard keeps the pairs in their original order; empty shards are dropped."""
+    pairs = params["unlearn"]["pairs"]
+    loads = [head_start] + [0.0] * (jobs - 1)
+    members: list[list[int]] = [[] for _ in range(jobs)]
+    for i in sorted(range(len(pairs)), key=lambda i: -pair_cost(params, pairs[i])):
+        k = min(range(jobs), key=lambda k: loads[k])
+        members[k].append(i)
+        loads[k] += pair_cost(params, pairs[i])
+    return [[pairs[i] for i in sorted(m)] for m in members if m]
+
+
+def item_seconds(db: Path, since: float) -> dict[str, dict[str, float]]:
+    """Per stage, the items' own run time (MLflow start to end) of the runs started after ``since``
+    (epoch seconds): with items running side by side, the honest breakdown of where the work went."""
+    import sqlite3
+
+    query = """SELECT t.value, r.start_time, r.end_time FROM runs r
+               JOIN tags t ON t.run_uuid = r.run_uuid AND t.key = 'unlearnflow.stage'
+               WHERE r.start_time >= ? AND r.end_time IS NOT NULL AND t.value != 'pipeline'"""
+    out: dict[str, dict[str, float]] = {}
+    with sqlite3.connect(db) as con:
+        for stage, start, end in con.execute(query, (int(since * 1000),)):
+            row = out.setdefault(stage, {"runs": 0, "run_s": 0.0})
+            row["runs"] += 1
+            row["run_s"] = round(row["run_s"] + (end - start) / 1000, 1)
+    return out
+
+
+def wait_for_queue(
+    workdir: Path, env: dict[str, str], names: list[str], total: int, tag: str, log: Path
+) -> None:
+    """Poll ``dvc queue status`` until the shards have finished; print a progress line whenever
+    another unlearn or attack item of the shards' temporary workspaces completes."""
+    start, seen = time.time(), set()
+    exps = workdir / ".dvc" / "tmp" / "exps"
+    while True:
+        done = {p.parent.name for p in exps.glob("*/*/unlearned/*/run.json")}
+        done |= {f"attack:{p.parent.parent.name}" for p in exps.glob("*/*/eval/*/none/metrics.json")}
+        for name in sorted(done - seen):
+            seen.add(name)
+            elapsed = time.time() - start
+            eta = elapsed / len(seen) * max(0, total - len(seen))
+            print(
+                f"[{tag}] [shards {len(seen)}/{total}] finished {name} "
+                f"({elapsed / 60:.1f} min, ~{eta / 60:.0f} min left)",
+                flush=True,
+            )
+        # `dvc queue status`: "<task> <name> <created> <status>" per experiment.
+        status: dict[str, str] = {}
+        for _, line in sh([sys.executable, "-m", "dvc", "queue", "status"], workdir, env):
+            cells = line.split()
+            if len(cells) >= 4 and cells[1] in names:
+                status[cells[1]] = cells[-1]
+        if set(status) == set(names) and all(v not in ("Queued", "Running") for v in status.values()):
+            break
+        time.sleep(10)
+    failed = [n for n, v in status.items() if v != "Success"]
+    if failed:
+        logs = "".join(
+            line for _, line in sh([sys.executable, "-m", "dvc", "queue", "logs", failed[0]], workdir, env)
+        )
+        raise SystemExit(f"shard(s) {failed} did not succeed ({status}); {failed[0]}'s log:\n{logs[-4000:]}")
+    with open(log, "a") as f:
+        for name in names:
+            f.writelines(
+                line for _, line in sh([sys.executable, "-m", "dvc", "queue", "logs", name], workdir, env)
+            )
+
+
+def run_sharded(workdir: Path, env: dict[str, str], params: dict, regime: str, jobs: int, log: Path) -> dict:
+    """The regime's ``dvc repro`` with unlearn and attack items ``jobs`` at a time (module docstring)."""
+    dvc = [sys.executable, "-m", "dvc"]
+    start = time.time()
+    models = len(params["unlearn"]["pairs"]) * len(params["unlearn"]["seeds"])
+    progress = Progress(1 + 1 + 2 + 2, f"{regime} upstream")
+    upstream = ["check_params", "prepare", "finetune", "evaluate_base"]
+    lines = sh([*dvc, "repro", *upstream], workdir, env, log, progress)
+    t_upstream = time.time()
+    # A queued experiment runs in a clone of the last commit plus the workspace's changes: commit the
+    # upstream's dvc.lock so that every shard finds prepare and finetune done.
+    sh(["git", "add", "-A"], workdir, env)
+    sh(["git", "commit", "-qm", f"study {regime}: upstream", "--allow-empty"], workdir, env)
+    # No head start for the controls of shard 0: with few pairs it would leave shard 0 without any,
+    # and the controls would then run in a shard of one thread next to nothing.
+    shards = shard_pairs(params, jobs)
+    names = []
+    for k, pairs in enumerate(shards):
+        shard = json.loads(json.dumps(params))
+        shard["unlearn"]["pairs"] = pairs
+        (workdir / "params.yaml").write_text(yaml.safe_dump(shard, sort_keys=False))
+        name = f"study-{regime}-{int(start)}-{k}"
+        targets = ["attack", *(["attack_control"] if k == 0 else [])]
+        sh([*dvc, "exp", "run", "--queue", "--name", name, *targets], workdir, env, log)
+        names.append(name)
+        listed = ", ".join(f"{p['method']}-{p['optimizer']}" for p in pairs)
+        print(f"[{regime}] shard {k}: {listed}", flush=True)
+    (workdir / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    # One torch thread per item: `jobs` items share the cores (the celery workers inherit this env).
+    sh([*dvc, "queue", "start", "-j", str(jobs)], workdir, {**env, "OMP_NUM_THREADS": "1"}, log)
+    wait_for_queue(workdir, env, names, 2 * models, regime, log)
+    t_queue = time.time()
+    # The whole matrix in the workdir: DVC's run cache restores the shards' items; the report runs.
+    progress = Progress(planned_items(params), f"{regime} collect")
+    lines += sh([*dvc, "repro"], workdir, env, log, progress)
+    end = time.time()
+    return {
+        "wall_s": round(end - start, 1),
+        "jobs": jobs,
+        "parts_s": {
+            "upstream (prepare, finetune, base evaluations)": round(t_upstream - start, 1),
+            f"shards ({jobs} at a time: unlearn, attack, controls)": round(t_queue - t_upstream, 1),
+            "collect (run-cache restore) and report": round(end - t_queue, 1),
+        },
+        "shards": [[f"{p['method']}-{p['optimizer']}" for p in pairs] for pairs in shards],
+        "item_run_s": item_seconds(workdir / "mlflow.db", start),
+        **stage_times(lines, end),
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/unlearnflow-study"))
@@ -193,6 +346,7 @@ def main() -> None:
     ap.add_argument("--optimizers", default="adamw,signadam,zo_adam,fo_zo")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "robustness-study")
+    ap.add_argument("--jobs", type=int, default=2, help="unlearn / attack items at a time (1: one dvc repro)")
     args = ap.parse_args()
     env = pipeline_env(args.workdir.resolve(), "study")
     workdir = args.workdir.resolve()
@@ -215,15 +369,15 @@ def main() -> None:
         log = workdir / f"repro-{regime}.log"
         log.write_text("")
         print(f"[{regime}] dvc repro in {workdir} (log: {log})", flush=True)
-        start = time.time()
-        progress = Progress(planned_items(params), regime)
-        lines = sh([sys.executable, "-m", "dvc", "repro"], workdir, env, log, progress)
-        end = time.time()
-        timing = {
-            "wall_s": round(end - start, 1),
-            **stage_times(lines, end),
-            "phases_s": phase_times(workdir / "eval"),
-        }
+        if args.jobs > 1:
+            timing = run_sharded(workdir, env, params, regime, args.jobs, log)
+        else:
+            start = time.time()
+            progress = Progress(planned_items(params), regime)
+            lines = sh([sys.executable, "-m", "dvc", "repro"], workdir, env, log, progress)
+            end = time.time()
+            timing = {"wall_s": round(end - start, 1), "jobs": 1, **stage_times(lines, end)}
+        timing["phases_s"] = phase_times(workdir / "eval")
         dest = args.out / regime
         shutil.rmtree(dest, ignore_errors=True)
         dest.mkdir(parents=True)
