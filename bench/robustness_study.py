@@ -153,7 +153,8 @@ class Progress:
 
     def __call__(self, line: str) -> None:
         ran = re.search(r"Running stage '([^']+)'", line)
-        skipped = re.search(r"Stage '([^']+)' didn't change, skipping", line)
+        # Unchanged, or restored from DVC's run cache (the shards' items when --jobs > 1).
+        skipped = re.search(r"Stage '([^']+)' (?:didn't change, skipping|is cached - skipping run)", line)
         if not (ran or skipped):
             return
         self.done += 1
