@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup pipeline test lint format study bench bench-eval bench-vs-reference bench-startup bench-train bench-methods bench-ofmu throughput clean
+.PHONY: setup pipeline test lint format study bench bench-eval bench-vs-reference bench-startup bench-train bench-costs bench-methods bench-ofmu throughput clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -57,6 +57,10 @@ bench-startup: setup
 
 bench-train: setup
 	$(BIN)/python bench/train_throughput.py --out docs/train-throughput.md
+
+# Where a stage item's time goes: imports, a finetune step and a decoding step against bare loops.
+bench-costs: setup
+	$(BIN)/python bench/cost_breakdown.py --out docs/cost-breakdown.md
 
 # docs/throughput.md: one table per throughput goal, from the JSON the bench targets above wrote.
 throughput: setup

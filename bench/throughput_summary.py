@@ -10,7 +10,8 @@ what the last run of each bench said. A missing input is reported as "not measur
 * start-up: ``startup.json`` (bench/startup.py);
 * training throughput: ``train-throughput.json`` (bench/train_throughput.py);
 * the default ``dvc repro``: ``pipeline-benchmark.json`` (bench/stage_times.py);
-* the robustness study: ``robustness-study/default/timing.json`` (bench/robustness_study.py).
+* the robustness study: ``robustness-study/default/timing.json`` (bench/robustness_study.py);
+* where an item's time goes: ``cost-breakdown.md`` (bench/cost_breakdown.py).
 """
 
 from __future__ import annotations
@@ -207,9 +208,10 @@ def study_section(docs: Path) -> list[str]:
     lines = [
         "## The robustness study ≤ 60 min",
         "",
-        "`make study` (`python bench/robustness_study.py`): a fresh repository, one `dvc repro` of the",
-        "study's matrix with one progress line per stage item. Each stage's time runs from DVC's",
-        '"Running stage" line of one item to the next (DVC\'s own bookkeeping included).',
+        "`make study` (`python bench/robustness_study.py`): a fresh repository, the study's matrix run",
+        "by DVC with one progress line per stage item: one `dvc repro` (`--jobs 1`), or the upstream,",
+        "then the models in `--jobs` shards of queued experiments side by side, then a `dvc repro` that",
+        "restores them from the run cache (the default, `--jobs 2`). Wall time is from start to report.",
         "",
     ]
     logs = sorted(docs.glob("study-progress-*.log"))
@@ -297,9 +299,21 @@ def render(docs: Path) -> str:
             *train_section(docs),
             *repro_section(docs),
             *study_section(docs),
+            *cost_section(docs),
             *notes(docs),
         ]
     )
+
+
+def cost_section(docs: Path) -> list[str]:
+    """The cost breakdown's own table (imports, a finetune step, a decoding step), under this file's
+    heading level."""
+    lines = ["## Where a stage item's time goes", ""]
+    path = docs / "cost-breakdown.md"
+    if not path.is_file():
+        return [*lines, "Not measured (`python bench/cost_breakdown.py --out docs/cost-breakdown.md`).", ""]
+    body = path.read_text().splitlines()[1:]  # its own "# " title
+    return [*lines, *body, ""]
 
 
 def notes(docs: Path) -> list[str]:
