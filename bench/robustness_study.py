@@ -168,19 +168,27 @@ class Progress:
         print(f"[{self.tag}] [{self.done}/{self.total}] {what} {name} ({clock})", flush=True)
 
 
-def stage_times(lines: list[tuple[float, str]], finished: float) -> dict[str, object]:
+def stage_times(
+    lines: list[tuple[float, str]], finished: float, *more: tuple[list, float]
+) -> dict[str, object]:
     """Wall time per stage (DVC's name before ``@``): each item from its "Running stage" line to the
-    next one (or the end); stages DVC skipped cost ~0 and are not counted."""
-    marks = [(t, m.group(1)) for t, line in lines if (m := re.search(r"Running stage '([^']+)'", line))]
+    next one (or the end of its command); stages DVC skipped cost ~0 and are not counted. ``more``:
+    further (lines, finished) of other commands, so that no item is charged for the time between them."""
     per_stage: dict[str, float] = {}
     items: dict[str, int] = {}
-    for (t, name), (t_next, _) in zip(marks, [*marks[1:], (finished, "")], strict=True):
-        stage = name.split("@")[0]
-        per_stage[stage] = per_stage.get(stage, 0.0) + t_next - t
-        items[stage] = items.get(stage, 0) + 1
+    runs = 0
+    for seg_lines, seg_end in [(lines, finished), *more]:
+        marks = [
+            (t, m.group(1)) for t, line in seg_lines if (m := re.search(r"Running stage '([^']+)'", line))
+        ]
+        runs += len(marks)
+        for (t, name), (t_next, _) in zip(marks, [*marks[1:], (seg_end, "")], strict=True):
+            stage = name.split("@")[0]
+            per_stage[stage] = per_stage.get(stage, 0.0) + t_next - t
+            items[stage] = items.get(stage, 0) + 1
     return {
         "stages": {k: {"items": items[k], "wall_s": round(v, 1)} for k, v in per_stage.items()},
-        "items_run": len(marks),
+        "items_run": runs,
     }
 
 
@@ -323,7 +331,7 @@ def run_sharded(workdir: Path, env: dict[str, str], params: dict, regime: str, j
     t_queue = time.time()
     # The whole matrix in the workdir: DVC's run cache restores the shards' items; the report runs.
     progress = Progress(planned_items(params), f"{regime} collect")
-    lines += sh([*dvc, "repro"], workdir, env, log, progress)
+    collect = sh([*dvc, "repro"], workdir, env, log, progress)
     end = time.time()
     return {
         "wall_s": round(end - start, 1),
@@ -335,7 +343,8 @@ def run_sharded(workdir: Path, env: dict[str, str], params: dict, regime: str, j
         },
         "shards": [[f"{p['method']}-{p['optimizer']}" for p in pairs] for pairs in shards],
         "item_run_s": item_seconds(workdir / "mlflow.db", start),
-        **stage_times(lines, end),
+        # the main process's items only (upstream, then collect): the shards' are in item_run_s
+        **stage_times(lines, t_upstream, (collect, end)),
     }
 
 
