@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup pipeline test lint format study bench bench-eval bench-vs-reference bench-startup bench-train bench-costs bench-methods bench-ofmu throughput clean
+.PHONY: setup pipeline test lint format matrix study bench bench-eval bench-vs-reference bench-startup bench-train bench-costs bench-methods bench-ofmu throughput clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -41,6 +41,15 @@ bench: setup
 bench-eval: setup
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro finetune@target
 	$(BIN)/python bench/eval_throughput.py
+
+# The README's tables: the 8-pair matrix (5 methods with AdamW, grad_diff with 3 more optimizer grades)
+# over the default seeds and attacks, as a DVC experiment of this repository (about 30 min on 2 cores).
+MATRIX_PAIRS := [{method: grad_diff, optimizer: adamw}, {method: npo, optimizer: adamw}, \
+	{method: simnpo, optimizer: adamw}, {method: pdu, optimizer: adamw}, {method: ofmu, optimizer: adamw}, \
+	{method: grad_diff, optimizer: signadam}, {method: grad_diff, optimizer: zo_adam}, \
+	{method: grad_diff, optimizer: fo_zo}]
+matrix: setup
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc exp run -S 'unlearn.pairs=$(MATRIX_PAIRS)'
 
 # The robustness study (docs/robustness.md) as one command: a fresh repository in /tmp, dvc repro of
 # methods × optimizer grades × attacks × seeds, one progress line per stage item.

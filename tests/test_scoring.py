@@ -142,6 +142,29 @@ def test_generate_greedy_left_padded_batches_equal_unpadded_rows(sharp_model, ti
     assert len(set(got)) > 1  # the prompts really produce different text
 
 
+def test_generate_greedy_rounds_equal_one_uninterrupted_run(sharp_model, tiny_tokenizer):
+    """Rounds of 1, 2, 4 … new tokens (rows that have not ended continue from prompt + output,
+    re-batched) give every row the text of the plain argmax loop, EOS cuts included: a token that
+    question 0 emits at step k >= 1 serves as EOS, so that row ends in an early round while the
+    others run on to the cap."""
+    raw = [_naive_greedy(sharp_model, tiny_tokenizer, q, 9, eos=-1) for q in QUESTIONS]
+    k = next(i for i in range(1, 9) if raw[0][i] not in raw[0][:i])
+    stop = raw[0][k]
+    expected = [
+        tiny_tokenizer.decode(r[: r.index(stop)] if stop in r else r, skip_special_tokens=True).strip()
+        for r in raw
+    ]
+    kwargs = {"max_new_tokens": 9, "batch_size": 3, "device": "cpu", "eos_token_id": stop}
+    got = generate_greedy(
+        sharp_model, tiny_tokenizer, _prompts(tiny_tokenizer), first_round_tokens=1, **kwargs
+    )
+    assert got == expected
+    assert got == generate_greedy(
+        sharp_model, tiny_tokenizer, _prompts(tiny_tokenizer), first_round_tokens=100, **kwargs
+    )
+    assert any(len(g) > len(expected[0]) for g in got)  # some rows did run past the first rounds
+
+
 def test_generate_greedy_cuts_each_row_at_its_first_eos(sharp_model, tiny_tokenizer):
     """Take as EOS a token that question 0's free-running greedy output produces at step k ≥ 1:
     that row must come back as exactly its first k tokens, while rows that never emit the token run

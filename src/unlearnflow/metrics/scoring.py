@@ -346,6 +346,10 @@ def _score_tails(
     return run.stats(logits[keep], targets[keep], row_index, len(examples))
 
 
+# New tokens of a row's first decoding round; each later round decodes twice as many (generate_greedy).
+FIRST_ROUND_TOKENS = 16
+
+
 def generate_greedy(
     model: torch.nn.Module,
     tokenizer: Any,
@@ -357,15 +361,23 @@ def generate_greedy(
     eos_token_id: int | None = None,
     stop_strings: Sequence[str] = (),
     known: Sequence[list[int] | None] | None = None,
+    first_round_tokens: int = FIRST_ROUND_TOKENS,
 ) -> list[str]:
     """Greedy continuations of ``prompts`` (token ids, e.g. ``encode_prompt``), batched.
 
     Prompts are sorted by length and left-padded with ``collate_left`` so every row's next token
     sits at the same position; ``model.generate`` builds position ids from the attention mask, so
-    a padded row decodes exactly as it would alone. A batch ends when every row has produced EOS
-    or after ``max_new_tokens``; each row is cut at its first EOS, decoded without special tokens,
-    then cut at the first of ``stop_strings`` (MUSE knowmem's "\n\n", "Question:"), which for greedy
-    decoding equals stopping there.
+    a padded row decodes exactly as it would alone. Each row is cut at its first EOS, decoded
+    without special tokens, then cut at the first of ``stop_strings`` (MUSE knowmem's "\n\n",
+    "Question:"), which for greedy decoding equals stopping there.
+
+    Decoding runs in rounds. A batch decodes until its longest row ends, and on an unlearned model
+    one row that never emits EOS kept a whole batch decoding to the cap while its other rows had
+    ended within 10-20 tokens (5x the row-steps needed). So round r decodes at most
+    ``first_round_tokens``·2^r new tokens; the rows still running then continue from their prompt
+    plus what they produced, re-batched by length with the other long ones. Greedy decoding is a
+    function of the prefix alone, so the text is the same as one uninterrupted run (the re-read
+    prefix's logits differ only by float rounding, as between any two batchings).
 
     Args:
         model: a Hugging Face causal LM (``generate``); already on ``device``.
@@ -378,12 +390,15 @@ def generate_greedy(
         stop_strings: texts that end an answer.
         known: per prompt, its greedy tokens (cut before EOS) when already known
             (``greedy_from_scored``), else None; known rows are decoded without running the model.
+        first_round_tokens: the first round's cap on new tokens (>= 1).
 
     Returns:
         N generated texts (new text only), whitespace-stripped, in the input order.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if first_round_tokens < 1:
+        raise ValueError(f"first_round_tokens must be >= 1, got {first_round_tokens}")
     eos = tokenizer.eos_token_id if eos_token_id is None else eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
 
@@ -398,23 +413,31 @@ def generate_greedy(
     known = known if known is not None else [None] * len(prompts)
     out = [finish(k) if k is not None else "" for k in known]
     todo = [i for i, k in enumerate(known) if k is None]
-    order = [todo[j] for j in _length_order([len(prompts[i]) for i in todo])]
-    bar = _progress(len(order), batch_size, "generate")
+    produced: dict[int, list[int]] = {i: [] for i in todo}
+    bar = _progress(len(todo), batch_size, "generate")
+    horizon = first_round_tokens
     with eval_mode(model), torch.inference_mode():
-        for idx in _batches(order, batch_size):
-            batch = {k: v.to(device) for k, v in collate_left([list(prompts[i]) for i in idx], pad).items()}
-            generated = model.generate(
-                **batch,
-                do_sample=False,
-                max_new_tokens=max_new_tokens,
-                pad_token_id=pad,
-                eos_token_id=eos,
-            )
-            new_tokens = generated[:, batch["input_ids"].shape[1] :].cpu().tolist()
-            for i, row in zip(idx, new_tokens, strict=True):
-                out[i] = finish(row)
-            if bar is not None:
-                bar.update(len(idx))
+        while todo:
+            # Every row still running has produced the same number of tokens: each earlier round's cap.
+            cap = min(horizon, max_new_tokens - len(produced[todo[0]]))
+            running = []
+            order = [todo[j] for j in _length_order([len(prompts[i]) for i in todo])]
+            for idx in _batches(order, batch_size):
+                rows = [list(prompts[i]) + produced[i] for i in idx]
+                batch = {k: v.to(device) for k, v in collate_left(rows, pad).items()}
+                generated = model.generate(
+                    **batch, do_sample=False, max_new_tokens=cap, pad_token_id=pad, eos_token_id=eos
+                )
+                new_tokens = generated[:, batch["input_ids"].shape[1] :].cpu().tolist()
+                for i, row in zip(idx, new_tokens, strict=True):
+                    produced[i] += row
+                    if eos in row or len(produced[i]) >= max_new_tokens:
+                        out[i] = finish(produced[i])
+                        if bar is not None:
+                            bar.update(1)
+                    else:
+                        running.append(i)
+            todo, horizon = running, 2 * horizon
     if bar is not None:
         bar.close()
     return out
