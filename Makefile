@@ -43,13 +43,15 @@ bench-eval: setup
 	$(BIN)/python bench/eval_throughput.py
 
 # The README's tables: the 8-pair matrix (5 methods with AdamW, grad_diff with 3 more optimizer grades)
-# over the default seeds and attacks, as a DVC experiment of this repository (about 30 min on 2 cores).
+# over the default seeds, with 4-bit quantization beside relearning, as a DVC experiment of this
+# repository (about 30 min on 2 cores).
 MATRIX_PAIRS := [{method: grad_diff, optimizer: adamw}, {method: npo, optimizer: adamw}, \
 	{method: simnpo, optimizer: adamw}, {method: pdu, optimizer: adamw}, {method: ofmu, optimizer: adamw}, \
 	{method: grad_diff, optimizer: signadam}, {method: grad_diff, optimizer: zo_adam}, \
 	{method: grad_diff, optimizer: fo_zo}]
 matrix: setup
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc exp run -S 'unlearn.pairs=$(MATRIX_PAIRS)'
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc exp run -S 'unlearn.pairs=$(MATRIX_PAIRS)' \
+		-S 'attack.names=[none, quantize_4bit, relearn]' -S 'attack.controls=[quantize_4bit, relearn]'
 
 # The robustness study (docs/robustness.md) as one command: a fresh repository in /tmp, dvc repro of
 # methods × optimizer grades × attacks × seeds, one progress line per stage item.
