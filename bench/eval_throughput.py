@@ -170,7 +170,7 @@ def render(record: dict) -> str:
     lines = [
         "# Evaluation throughput: the full TOFU-format suite on the embedded model",
         "",
-        "Reproduce: `make bench-eval` (runs `dvc repro finetune@target`, then",
+        "Reproduce: `make bench-eval` (runs `dvc exp run -S finetune.epochs=40 finetune@target`, then",
         "`python bench/eval_throughput.py`). Numbers below are from one run on",
         f"{record['machine']}; model `{record['model']}` ({record['parameters']:,} parameters),",
         f"evaluate.batch_size {record['batch_size']}, every metric of the default list",

@@ -42,6 +42,9 @@ def request_params(base: dict, methods: list[str], seeds: list[int]) -> dict:
     params["unlearn"]["seeds"] = seeds
     params["attack"]["names"] = ["none", "quantize_4bit", "relearn"]
     params["attack"]["controls"] = ["quantize_4bit", "relearn"]
+    # The fine-tune the walkthrough was measured with (docs/privacy-request/): the default's is 20
+    # epochs, for time.
+    params["finetune"]["epochs"] = 40
     # Relearn on 10 of the 20 facts, read the recovery on the other 10.
     params["attack"]["relearn"]["n"] = 10
     return params

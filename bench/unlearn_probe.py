@@ -7,7 +7,8 @@ Usage: python bench/unlearn_probe.py --method grad_diff --optimizer signadam [--
 The learning-rate probe behind docs/optimizers.md: the unlearn stage's training (same loop, same
 params.yaml sections; ``--lr`` / ``--epochs`` / ``--optimizer-args`` override them) without the stage's
 outputs or the full evaluation, so a sweep point costs the training alone. Prints one JSON line per
-seed and the mean ± sd. Needs a pipeline's ``models/target`` and ``data/splits`` (``dvc repro finetune``).
+seed and the mean ± sd. Needs a pipeline's ``models/target`` and ``data/splits``: the docs' numbers are on
+the 40-epoch target (``dvc exp run -S finetune.epochs=40 finetune``; the default's has 20).
 Each row also has the unlearning's weight change from the target (``weights.weight_change``) and,
 per ``--attack`` (a weight-only attack of ``attack.names``: quantize, noise), the probabilities
 after it: the probe that places a learning rate in or out of the regime a quantization can undo.
