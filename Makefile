@@ -44,7 +44,7 @@ bench-eval: setup
 
 # The README's tables: the 8-pair matrix (5 methods with AdamW, grad_diff with 3 more optimizer grades)
 # on the 40-epoch target they were measured on, over the default seeds and attacks, as a DVC
-# experiment of this repository (about 35 min on 2 cores).
+# experiment of this repository.
 MATRIX_PAIRS := [{method: grad_diff, optimizer: adamw}, {method: npo, optimizer: adamw}, \
 	{method: simnpo, optimizer: adamw}, {method: pdu, optimizer: adamw}, {method: ofmu, optimizer: adamw}, \
 	{method: grad_diff, optimizer: signadam}, {method: grad_diff, optimizer: zo_adam}, \

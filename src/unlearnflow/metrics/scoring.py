@@ -373,7 +373,7 @@ def generate_greedy(
 
     Decoding runs in rounds. A batch decodes until its longest row ends, and on an unlearned model
     one row that never emits EOS kept a whole batch decoding to the cap while its other rows had
-    ended within 10-20 tokens (5x the row-steps needed). So round r decodes at most
+    ended within 10-20 tokens (about 6x the row-steps needed). So round r decodes at most
     ``first_round_tokens``·2^r new tokens; the rows still running then continue from their prompt
     plus what they produced, re-batched by length with the other long ones. Greedy decoding is a
     function of the prefix alone, so the text is the same as one uninterrupted run (the re-read
