@@ -12,6 +12,7 @@ Peak memory is the largest single process of the run (the children's rusage).
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import platform
@@ -36,7 +37,7 @@ def timed_repro(
         args, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
     marks: list[tuple[str, float]] = []
-    tail: list[str] = []
+    tail: collections.deque[str] = collections.deque(maxlen=200)
     assert proc.stdout is not None
     for line in proc.stdout:
         found = re.search(r"Running stage '([^']+)'", line)
@@ -45,7 +46,7 @@ def timed_repro(
             if marks:
                 print(f"{marks[-1][0]:45s} {now - marks[-1][1]:7.1f} s", flush=True)
             marks.append((found.group(1), now))
-        tail = [*tail[-200:], line]
+        tail.append(line)
     _, status, usage = os.wait4(proc.pid, 0)
     total = time.perf_counter() - start
     if os.waitstatus_to_exitcode(status) != 0:
